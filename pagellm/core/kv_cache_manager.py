@@ -1,0 +1,159 @@
+"""KVCacheManager: which KV blocks each request holds.
+
+Contract with the scheduler:
+
+* ``get_computed_blocks(req)`` finds the longest run of cached full blocks matching the
+  request's tokens (always leaving the last token to compute, so there are logits).
+* ``allocate_slots(req, n, hits)`` makes room for ``n`` more tokens after the already
+  computed ones, taking the hit blocks first; it returns None (changing nothing) when
+  the pool cannot hold them, and the scheduler then preempts.
+* ``free(req)`` drops the request's references at once.
+* ``fork(parent, child)`` gives the child every block of the parent by reference; the
+  first write into a block that is shared is preceded by a copy (copy-on-write). Copies
+  are queued in ``pending_copies`` and travel to the worker in the next SchedulerOutput.
+
+Block i of a request holds token positions [i * block_size, (i + 1) * block_size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pagellm.core.block_pool import BlockPool, KVBlock, hash_block_tokens
+from pagellm.core.request import Request
+from pagellm.utils import cdiv
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counters since start-up, in tokens."""
+
+    queries: int = 0
+    hits: int = 0
+    requests: int = 0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self.pending_copies: list[tuple[int, int]] = []
+        self.prefix_stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    # ---- prefix cache --------------------------------------------------------------
+
+    def _update_block_hashes(self, request: Request) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Cached blocks matching the request's leading tokens, and how many tokens they hold."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            # Prompt logprobs need logits at every prompt position: nothing may be skipped.
+            return [], 0
+        self._update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_stats.requests += 1
+        self.prefix_stats.queries += request.num_tokens
+        self.prefix_stats.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.enable_caching:
+            return
+        self._update_block_hashes(request)
+        blocks = self.req_to_blocks[request.req_id]
+        for i in range(min(num_tokens // self.block_size, len(request.block_hashes))):
+            if blocks[i].block_hash is None:
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
+
+    # ---- allocate / free -----------------------------------------------------------
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+    ) -> list[int] | None:
+        """Make room for num_new_tokens after the computed ones; None if they do not fit.
+
+        On success the request's ``block_ids`` are updated and the ids of newly taken
+        blocks returned. Blocks that will be full once this step ran are registered in
+        the prefix cache right away: the forward pass writes every layer's K/V before
+        any attention reads it, so a request scheduled later in the same step may
+        already share them.
+        """
+        bs = self.block_size
+        blocks = self.req_to_blocks.setdefault(request.req_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
+        num_total = num_computed + num_new_tokens
+        # Shared blocks we are about to write into need a private copy first.
+        first_write = num_computed // bs
+        cow = [
+            i
+            for i in range(first_write, min(len(blocks), cdiv(num_total, bs)))
+            if blocks[i].ref_cnt > 1
+        ]
+        num_new_blocks = cdiv(num_total, bs) - len(blocks) - len(new_computed_blocks)
+        num_new_blocks = max(num_new_blocks, 0)
+        reusable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + len(cow) > self.pool.num_free_blocks - reusable_hits:
+            return None
+        self.pool.touch(new_computed_blocks)
+        blocks.extend(new_computed_blocks)
+        new_ids: list[int] = []
+        for i in cow:
+            (copy,) = self.pool.allocate(1)
+            self.pending_copies.append((blocks[i].block_id, copy.block_id))
+            self.pool.free([blocks[i]])
+            blocks[i] = copy
+            new_ids.append(copy.block_id)
+        fresh = self.pool.allocate(num_new_blocks)
+        blocks.extend(fresh)
+        new_ids.extend(b.block_id for b in fresh)
+        request.block_ids = [b.block_id for b in blocks]
+        self._cache_full_blocks(request, num_total)
+        return new_ids
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_to_blocks.pop(request.req_id, [])
+        self.pool.free(reversed(blocks))
+        request.block_ids = []
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Share every block of the parent (partial last block included) with the child."""
+        blocks = self.req_to_blocks.get(parent.req_id, [])
+        assert child.req_id not in self.req_to_blocks or not self.req_to_blocks[child.req_id]
+        self.pool.touch(blocks)
+        self.req_to_blocks[child.req_id] = list(blocks)
+        child.block_ids = [b.block_id for b in blocks]
+        child.block_hashes = list(parent.block_hashes)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,95 @@
+"""The only contract between the scheduler (core) and the worker.
+
+``SchedulerOutput`` says what to compute this step; ``ModelRunnerOutput`` says what was
+sampled. The worker keeps its own per-request state (token ids, block table, sampling
+state) and updates it from these deltas; it never sees a ``Request``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagellm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the worker has no state for: new, or resumed after preemption."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the worker already holds: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    """Blocks appended to the request's block table this step."""
+    replaced_blocks: list[tuple[int, int]] = field(default_factory=list)
+    """(index in block table, new block id) pairs after copy-on-write."""
+    num_computed_tokens: int = 0
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    """Tokens to compute this step per request (the order of the batch follows this dict)."""
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)
+    """Requests that ended or were preempted since the last step: the worker drops them."""
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) KV block copies to run before the forward pass (copy-on-write)."""
+    forked_reqs: list[tuple[str, str]] = field(default_factory=list)
+    """(parent, child) pairs: the child starts as a copy of the parent's worker state."""
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at one sampled position: the chosen token first, then the top-N."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+    """Per request in req_ids: the tokens sampled this step (empty mid-prefill)."""
+    logprobs: list[TokenLogprobs | None] | None = None
+    """Per request in req_ids, when asked: logprobs of the sampled token."""
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Per request: logprobs of the prompt tokens covered by this step's chunk."""
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step did for one request, as the scheduler reports it to the engine."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,270 @@
+"""Scheduler: token-budget continuous batching with chunked prefill and preemption.
+
+Each ``schedule()`` fills a budget of ``max_num_batched_tokens`` tokens and
+``max_num_seqs`` requests:
+
+1. running requests first, in admission order: each gets the tokens it still lacks
+   (one for a decode, the next chunk for an unfinished prefill);
+2. if no request had to be preempted, waiting requests in FCFS order: prefix-cache
+   lookup, then as much of the prompt as the budget allows.
+
+When the KV pool cannot hold a running request's next tokens, the newest running
+request is preempted: its blocks are freed and it goes back to the head of the queue to
+be recomputed later (its generated tokens are kept). A request therefore never crashes
+the engine for lack of memory and is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+
+from pagellm.config import CacheConfig, SchedulerConfig
+from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.request import Request, RequestStatus
+from pagellm.core.sched_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the worker still holds state for but which ended since the last step.
+        self._finished_ids: set[str] = set()
+        # Requests whose worker state is known (sent once as NewRequestData).
+        self._worker_known: set[str] = set()
+        self._pending_forks: list[tuple[str, str]] = []
+        self.num_preemptions = 0
+
+    # ---- requests in and out ----------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside the model loop (abort, stop string); frees their blocks."""
+        assert status.is_finished
+        done = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free_request(request)
+            done.append(request)
+        return done
+
+    def _free_request(self, request: Request) -> None:
+        self.kv.free(request)
+        self.requests.pop(request.req_id, None)
+        if request.req_id in self._worker_known:
+            self._worker_known.discard(request.req_id)
+            self._finished_ids.add(request.req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- scheduling -------------------------------------------------------------------
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        if request.req_id in self._worker_known:
+            self._worker_known.discard(request.req_id)
+            self._finished_ids.add(request.req_id)
+        self.waiting.appendleft(request)
+        logger.debug("preempted %s (%d tokens)", request.req_id, request.num_tokens)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted_any = False
+        now = time.time()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                # Nothing to compute (e.g. a fork waiting for its parent's state): skip.
+                i += 1
+                continue
+            old_blocks = list(request.block_ids)
+            new_block_ids = self.kv.allocate_slots(request, num_new)
+            while new_block_ids is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_any = True
+                if victim is request:
+                    break
+                new_block_ids = self.kv.allocate_slots(request, num_new)
+            if new_block_ids is None:
+                break
+            num_scheduled[request.req_id] = num_new
+            budget -= num_new
+            if request.req_id in self._worker_known:
+                replaced = [
+                    (j, b)
+                    for j, (a, b) in enumerate(zip(old_blocks, request.block_ids))
+                    if a != b
+                ]
+                cached_reqs.append(
+                    CachedRequestData(
+                        req_id=request.req_id,
+                        new_block_ids=request.block_ids[len(old_blocks) :],
+                        replaced_blocks=replaced,
+                        num_computed_tokens=request.num_computed_tokens,
+                    )
+                )
+            else:
+                new_reqs.append(self._new_request_data(request))
+            i += 1
+
+        while (
+            not preempted_any
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            if self.kv.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            num_scheduled[request.req_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_request_data(request))
+
+        for req_id, n in num_scheduled.items():
+            self.requests[req_id].num_computed_tokens += n
+            self._worker_known.add(req_id)
+
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_ids,
+            block_copies=self.kv.take_pending_copies(),
+            forked_reqs=self._pending_forks,
+        )
+        self._finished_ids = set()
+        self._pending_forks = []
+        return out
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            req_id=request.req_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            block_ids=list(request.block_ids),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    # ---- results ----------------------------------------------------------------------
+
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append sampled tokens, finish requests that stop, free their blocks at once."""
+        outputs: list[EngineCoreOutput] = []
+        for idx, req_id in enumerate(result.req_ids):
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished:
+                continue  # aborted while the step ran
+            new_ids = result.sampled_token_ids[idx]
+            prompt_lps = result.prompt_logprobs.get(req_id)
+            if not new_ids and prompt_lps is None:
+                continue
+            appended: list[int] = []
+            for tok in new_ids:
+                request.append_output_token(tok)
+                appended.append(tok)
+                if request.check_stop():
+                    break
+            lps = None
+            if result.logprobs is not None and new_ids:
+                lp = result.logprobs[idx]
+                lps = [lp] if lp is not None else None
+            out = EngineCoreOutput(
+                req_id=req_id,
+                new_token_ids=appended,
+                new_logprobs=lps,
+                new_prompt_logprobs=prompt_lps,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                first_scheduled_time=request.first_scheduled_time,
+            )
+            if request.is_finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+                self.running.remove(request)
+                self._free_request(request)
+            outputs.append(out)
+        return outputs
+
+    # ---- stats -------------------------------------------------------------------------
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (tests)."""
+        self.kv.pool.check()
+        held = sum(len(b) for b in self.kv.req_to_blocks.values())
+        refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
+        assert held == refs, (held, refs)
+        for r in self.running:
+            assert r.status == RequestStatus.RUNNING
+            assert len(r.block_ids) * self.block_size >= r.num_computed_tokens
+        for r in self.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert not self.kv.req_to_blocks.get(r.req_id)

@@ -1,0 +1,314 @@
+/*
+ * pagellm's CPU kernels (fp32, AVX2 + FMA, OpenMP).
+ *
+ * Compiled on first use by pagellm/layers/native.py and called through ctypes; every
+ * function has a portable torch twin in pagellm/layers/ops.py that tests compare
+ * against. The OpenMP runtime is the one torch already loaded (same soname), so the
+ * kernels share torch's thread team instead of fighting it for the two cores.
+ *
+ * Layouts (row-major, strides in elements):
+ *   linear:     x[M, K] (row stride ldx), W[N, K], y[M, N]  ->  y = x W^T (+ b)
+ *   KV cache:   cache[num_blocks, block_size, num_kv_heads, head_dim]
+ *   attention:  q[T, Hq, D] (row stride ldq), out[T, Hq, D] contiguous
+ *               token t of sequence s sits at position
+ *                   seq_lens[s] - (qsl[s+1] - qsl[s]) + (t - qsl[s])
+ *               and attends to positions 0..that position through block_tables[s].
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float hmax256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_max_ps(lo, hi);
+    lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_max_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* exp(x) for 8 lanes: range reduction x = n ln2 + r, degree-6 polynomial on r
+ * (relative error about 2e-7 on [-87, 88]); below -87 it returns 0. */
+static inline __m256 exp256(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, out);
+}
+
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+    }
+    for (; k + 8 <= n; k += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
+    float s = hsum256(_mm256_add_ps(acc0, acc1));
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* y[m, n0..n0+3] for 4 weight rows and up to 2 input rows at once: the weight rows are
+ * streamed from memory once per row block and reused from L1 for every input row. */
+static void linear_rows4(const float* x, int64_t ldx, const float* W, const float* bias,
+                         float* y, int64_t M, int64_t N, int64_t K, int64_t n0) {
+    const float* w0 = W + n0 * K;
+    const float* w1 = w0 + K;
+    const float* w2 = w1 + K;
+    const float* w3 = w2 + K;
+    int64_t K8 = K & ~(int64_t)7;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+        const float* xa = x + m * ldx;
+        const float* xb = xa + ldx;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
+               b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k);
+            __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+            a0 = _mm256_fmadd_ps(v0, va, a0);
+            b0 = _mm256_fmadd_ps(v0, vb, b0);
+            a1 = _mm256_fmadd_ps(v1, va, a1);
+            b1 = _mm256_fmadd_ps(v1, vb, b1);
+            __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
+            a2 = _mm256_fmadd_ps(v2, va, a2);
+            b2 = _mm256_fmadd_ps(v2, vb, b2);
+            a3 = _mm256_fmadd_ps(v3, va, a3);
+            b3 = _mm256_fmadd_ps(v3, vb, b3);
+        }
+        float ra[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+        float rb[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};
+        const float* ws[4] = {w0, w1, w2, w3};
+        for (int i = 0; i < 4; i++) {
+            for (int64_t k = K8; k < K; k++) {
+                ra[i] += ws[i][k] * xa[k];
+                rb[i] += ws[i][k] * xb[k];
+            }
+            float b = bias ? bias[n0 + i] : 0.0f;
+            y[m * N + n0 + i] = ra[i] + b;
+            y[(m + 1) * N + n0 + i] = rb[i] + b;
+        }
+    }
+    for (; m < M; m++) {
+        const float* xa = x + m * ldx;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            __m256 va = _mm256_loadu_ps(xa + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), va, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), va, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), va, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), va, a3);
+        }
+        float ra[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+        const float* ws[4] = {w0, w1, w2, w3};
+        for (int i = 0; i < 4; i++) {
+            for (int64_t k = K8; k < K; k++) ra[i] += ws[i][k] * xa[k];
+            y[m * N + n0 + i] = ra[i] + (bias ? bias[n0 + i] : 0.0f);
+        }
+    }
+}
+
+/* y = x W^T + bias for small M (decode): memory-bound, so each weight byte is read once. */
+void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float* bias, float* y,
+                        int64_t M, int64_t N, int64_t K, int nthreads) {
+    int64_t nblocks = N / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) linear_rows4(x, ldx, W, bias, y, M, N, K, b * 4);
+    for (int64_t n = nblocks * 4; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = dot_f32(x + m * ldx, W + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+
+/* out = rmsnorm(x (+ residual)) * weight; with a residual, residual <- x + residual first. */
+void pagellm_rms_norm_f32(const float* x, float* residual, const float* weight, float* out,
+                          int64_t M, int64_t N, float eps, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * N;
+        float* o = out + m * N;
+        const float* src = xr;
+        if (residual) {
+            float* r = residual + m * N;
+            int64_t k = 0;
+            for (; k + 8 <= N; k += 8)
+                _mm256_storeu_ps(r + k, _mm256_add_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(r + k)));
+            for (; k < N; k++) r[k] = xr[k] + r[k];
+            src = r;
+        }
+        __m256 acc = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= N; k += 8) {
+            __m256 v = _mm256_loadu_ps(src + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum256(acc);
+        for (; k < N; k++) ss += src[k] * src[k];
+        float inv = 1.0f / sqrtf(ss / (float)N + eps);
+        __m256 vi = _mm256_set1_ps(inv);
+        k = 0;
+        for (; k + 8 <= N; k += 8)
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_loadu_ps(weight + k),
+                                                  _mm256_mul_ps(_mm256_loadu_ps(src + k), vi)));
+        for (; k < N; k++) o[k] = weight[k] * (src[k] * inv);
+    }
+}
+
+/* Rotary embedding in place, NeoX layout (first half / second half of each head).
+ * x[T, H, D] with row stride ldx; cos_sin[max_pos, rot_dim]: cos in the first half. */
+void pagellm_rope_f32(const int64_t* positions, float* x, int64_t ldx, const float* cos_sin,
+                      int64_t T, int64_t H, int64_t D, int64_t rot_dim, int nthreads) {
+    int64_t half = rot_dim / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (int64_t t = 0; t < T; t++) {
+        const float* cs = cos_sin + positions[t] * rot_dim;
+        const float* sn = cs + half;
+        for (int64_t h = 0; h < H; h++) {
+            float* a = x + t * ldx + h * D;
+            float* b = a + half;
+            int64_t k = 0;
+            for (; k + 8 <= half; k += 8) {
+                __m256 va = _mm256_loadu_ps(a + k), vb = _mm256_loadu_ps(b + k);
+                __m256 c = _mm256_loadu_ps(cs + k), s = _mm256_loadu_ps(sn + k);
+                _mm256_storeu_ps(a + k, _mm256_fmsub_ps(va, c, _mm256_mul_ps(vb, s)));
+                _mm256_storeu_ps(b + k, _mm256_fmadd_ps(vb, c, _mm256_mul_ps(va, s)));
+            }
+            for (; k < half; k++) {
+                float va = a[k], vb = b[k];
+                a[k] = va * cs[k] - vb * sn[k];
+                b[k] = vb * cs[k] + va * sn[k];
+            }
+        }
+    }
+}
+
+/* out[M, N] = silu(x[:, :N]) * x[:, N:] for x[M, 2N]. */
+void pagellm_silu_and_mul_f32(const float* x, float* out, int64_t M, int64_t N, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 4)
+    for (int64_t m = 0; m < M; m++) {
+        const float* g = x + m * 2 * N;
+        const float* u = g + N;
+        float* o = out + m * N;
+        int64_t k = 0;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (; k + 8 <= N; k += 8) {
+            __m256 vg = _mm256_loadu_ps(g + k);
+            __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), vg));
+            __m256 s = _mm256_div_ps(vg, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(s, _mm256_loadu_ps(u + k)));
+        }
+        for (; k < N; k++) o[k] = g[k] / (1.0f + expf(-g[k])) * u[k];
+    }
+}
+
+/* Write this step's K/V rows into the paged cache: cache row slot = block * bs + offset. */
+void pagellm_write_kv_f32(const float* k, int64_t ldk, const float* v, int64_t ldv,
+                          float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
+                          int64_t row_elems) {
+    for (int64_t t = 0; t < T; t++) {
+        int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;
+        memcpy(k_cache + slot * row_elems, k + t * ldk, row_elems * sizeof(float));
+        memcpy(v_cache + slot * row_elems, v + t * ldv, row_elems * sizeof(float));
+    }
+}
+
+/* Paged attention for a flattened batch of prefill chunks and decode tokens.
+ * One work item is (token, kv head): the G = Hq / Hkv query heads of the group read each
+ * K and V row once. Exact two-pass softmax over the token's whole visible context. */
+void pagellm_paged_attention_f32(const float* q, int64_t ldq, const float* k_cache,
+                                 const float* v_cache, const int32_t* block_tables,
+                                 int64_t max_blocks, const int32_t* seq_lens,
+                                 const int32_t* query_start_loc, const int32_t* token_to_seq,
+                                 float* out, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                                 int64_t block_size, int64_t max_seq_len, float scale,
+                                 int nthreads) {
+    const int64_t G = Hq / Hkv;
+    const int64_t row = Hkv * D; /* elements per cache row (one token) */
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* scores = (float*)malloc(sizeof(float) * (size_t)(G * (max_seq_len + 8)));
+        float* acc = (float*)malloc(sizeof(float) * (size_t)(G * D));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < T * Hkv; item++) {
+            int64_t t = item / Hkv, kh = item % Hkv;
+            int64_t s = token_to_seq[t];
+            int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
+            int64_t pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
+            int64_t ctx = pos + 1;
+            const int32_t* bt = block_tables + s * max_blocks;
+            const float* qs = q + t * ldq + kh * G * D;
+            /* Scores: G dot products per context row. */
+            for (int64_t j = 0; j < ctx; j++) {
+                const float* kr = k_cache + ((int64_t)bt[j / block_size] * block_size + j % block_size) * row + kh * D;
+                for (int64_t g = 0; g < G; g++) scores[g * ctx + j] = dot_f32(qs + g * D, kr, D) * scale;
+            }
+            /* Softmax per query head. */
+            for (int64_t g = 0; g < G; g++) {
+                float* sc = scores + g * ctx;
+                __m256 vm = _mm256_set1_ps(-INFINITY);
+                int64_t j = 0;
+                for (; j + 8 <= ctx; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + j));
+                float mx = hmax256(vm);
+                for (; j < ctx; j++) mx = sc[j] > mx ? sc[j] : mx;
+                __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+                j = 0;
+                for (; j + 8 <= ctx; j += 8) {
+                    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+                    _mm256_storeu_ps(sc + j, e);
+                    vs = _mm256_add_ps(vs, e);
+                }
+                float sum = hsum256(vs);
+                for (; j < ctx; j++) {
+                    sc[j] = expf(sc[j] - mx);
+                    sum += sc[j];
+                }
+                float inv = 1.0f / sum;
+                for (j = 0; j < ctx; j++) sc[j] *= inv;
+            }
+            /* Weighted sum of V rows. */
+            memset(acc, 0, sizeof(float) * (size_t)(G * D));
+            for (int64_t j = 0; j < ctx; j++) {
+                const float* vr = v_cache + ((int64_t)bt[j / block_size] * block_size + j % block_size) * row + kh * D;
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 p = _mm256_set1_ps(scores[g * ctx + j]);
+                    float* a = acc + g * D;
+                    int64_t d = 0;
+                    for (; d + 8 <= D; d += 8)
+                        _mm256_storeu_ps(a + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(a + d)));
+                    for (; d < D; d++) a[d] += scores[g * ctx + j] * vr[d];
+                }
+            }
+            float* o = out + (t * Hq + kh * G) * D;
+            memcpy(o, acc, sizeof(float) * (size_t)(G * D));
+        }
+        free(scores);
+        free(acc);
+    }
+}

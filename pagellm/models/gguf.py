@@ -1,0 +1,179 @@
+"""GGUF files: model config and dequantized tensors under Hugging Face names.
+
+llama.cpp's converter permutes the rows of Llama-family q/k projections so that its
+RoPE kernel can rotate adjacent channel pairs; pagellm (like transformers) rotates
+first-half/second-half pairs, so those rows are permuted back on load:
+
+    GGUF rows per head:  [r0 r(h/2) r1 r(h/2+1) ...]   ->   HF rows: [r0 r1 ... | r(h/2) ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF architecture -> (HF architecture, transformers config class, q/k rows permuted)
+_ARCHS: dict[str, tuple[str, str, bool]] = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", True),
+    "mistral": ("MistralForCausalLM", "MistralConfig", True),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
+}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of each head's rows (inverse of its permute())."""
+    rows = w.shape[0]
+    return (
+        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+class GGUFFile:
+    def __init__(self, path: str) -> None:
+        import gguf
+
+        self.path = path
+        self._gguf = gguf
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # a corrupt or non-GGUF file
+            raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+        self.arch = str(self.value("general.architecture"))
+        if self.arch not in _ARCHS:
+            raise ValueError(
+                f"GGUF architecture {self.arch!r} is not supported; supported: {', '.join(sorted(_ARCHS))}"
+            )
+
+    def value(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        if hasattr(field, "contents"):
+            return field.contents()
+        part = field.parts[field.data[0]]  # older gguf-py
+        return bytes(part).decode() if part.dtype == np.uint8 else part.tolist()[0]
+
+    @property
+    def architecture(self) -> str:
+        return _ARCHS[self.arch][0]
+
+    @cached_property
+    def tensor_names(self) -> set[str]:
+        return {t.name for t in self.reader.tensors}
+
+    def hf_config(self) -> Any:
+        import transformers
+
+        hf_arch, cls_name, _ = _ARCHS[self.arch]
+        a = self.arch
+        n_heads = int(self.value(f"{a}.attention.head_count"))
+        hidden = int(self.value(f"{a}.embedding_length"))
+        tokens = self.value("tokenizer.ggml.tokens")
+        vocab = int(self.value(f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+        kw: dict[str, Any] = dict(
+            architectures=[hf_arch],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(self.value(f"{a}.feed_forward_length")),
+            num_hidden_layers=int(self.value(f"{a}.block_count")),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(self.value(f"{a}.attention.head_count_kv", n_heads)),
+            max_position_embeddings=int(self.value(f"{a}.context_length", 2048)),
+            rms_norm_eps=float(self.value(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self.value(f"{a}.rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in self.tensor_names,
+            head_dim=int(self.value(f"{a}.attention.key_length", hidden // n_heads)),
+            bos_token_id=self.value("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.value("tokenizer.ggml.eos_token_id"),
+            attention_bias=any(".attn_q.bias" in n for n in self.tensor_names) and a != "qwen2",
+        )
+        scaling_type = self.value(f"{a}.rope.scaling.type")
+        if scaling_type == "linear":
+            kw["rope_scaling"] = {
+                "rope_type": "linear",
+                "factor": float(self.value(f"{a}.rope.scaling.factor")),
+            }
+        elif scaling_type not in (None, "none"):
+            raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported")
+        cfg = getattr(transformers, cls_name)(**kw)
+        if "rope_freqs.weight" in self.tensor_names:
+            # Llama 3.1-style long-context models store per-frequency divisors.
+            t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
+            cfg.pagellm_rope_freq_factors = [float(x) for x in np.asarray(t.data).reshape(-1)]
+        return cfg
+
+    def tensors(self, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, float32 tensor) for every weight, dequantized."""
+        from gguf import quants
+
+        permute = _ARCHS[self.arch][2]
+        n_heads = cfg.num_attention_heads
+        n_kv = cfg.num_key_value_heads
+        for t in self.reader.tensors:
+            name = hf_tensor_name(t.name)
+            if name is None:
+                if t.name != "rope_freqs.weight":
+                    logger.debug("ignoring GGUF tensor %s", t.name)
+                continue
+            qtype = t.tensor_type.name
+            if qtype not in SUPPORTED_GGUF_TYPES:
+                raise ValueError(
+                    f"GGUF tensor {t.name} has type {qtype}; supported: {', '.join(SUPPORTED_GGUF_TYPES)}"
+                )
+            arr = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if permute and name.endswith("q_proj.weight"):
+                arr = unpermute_qk(arr, n_heads)
+            elif permute and name.endswith("k_proj.weight"):
+                arr = unpermute_qk(arr, n_kv)
+            elif permute and name.endswith(("q_proj.bias", "k_proj.bias")):
+                heads = n_heads if "q_proj" in name else n_kv
+                arr = unpermute_qk(arr.reshape(-1, 1), heads).reshape(-1)
+            if not arr.flags.writeable or not arr.flags.c_contiguous:
+                arr = np.array(arr, copy=True, order="C")  # F32 tensors are read-only file maps
+            yield name, torch.from_numpy(arr)

@@ -1,0 +1,200 @@
+"""Llama-family decoder (Llama, Mistral; Qwen2 and Qwen3 subclass it).
+
+The forward pass takes one flat batch (``input_ids[T]``, ``positions[T]``) and the
+per-step attention metadata from the forward context. The residual stream is carried
+beside the hidden state so each RMSNorm also does the residual add.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.attention import Attention
+from pagellm.layers.linear import Linear, VocabEmbedding
+from pagellm.layers.norm import RMSNorm
+from pagellm.layers.rotary import RotaryEmbedding, get_rope_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def head_dim_of(cfg: Any) -> int:
+    head_dim = getattr(cfg, "head_dim", None)
+    return int(head_dim) if head_dim else cfg.hidden_size // cfg.num_attention_heads
+
+
+def build_rotary(cfg: Any) -> RotaryEmbedding:
+    """One rotary table for the whole model (every layer uses the same one)."""
+    head_dim = head_dim_of(cfg)
+    theta, scaling = get_rope_parameters(cfg)
+    rotary_dim = int(head_dim * float(getattr(cfg, "partial_rotary_factor", 1.0)))
+    return RotaryEmbedding(head_dim, rotary_dim, cfg.max_position_embeddings, theta, scaling)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(
+            cfg.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            bias=qkv_bias,
+            shard_names=["q", "k", "v"],
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.rotary_emb = rotary
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm.norm(q.reshape(-1, self.num_heads, self.head_dim)).view(-1, self.q_size)
+            k = self.k_norm.norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(-1, self.kv_size)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any, bias: bool = False) -> None:
+        super().__init__()
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"activation {act!r} is not supported (only silu)")
+        self.gate_up_proj = Linear(
+            cfg.hidden_size,
+            [cfg.intermediate_size, cfg.intermediate_size],
+            bias=bias,
+            shard_names=["gate", "up"],
+        )
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm)
+        self.mlp = LlamaMLP(cfg, bias=bool(getattr(cfg, "mlp_bias", False)))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = build_rotary(cfg)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm)
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM head over LlamaModel; weights load from Hugging Face tensor names."""
+
+    # Checkpoint tensor -> (our parameter, shard) for merged projections.
+    stacked_params = (
+        ("q_proj", "qkv_proj", "q"),
+        ("k_proj", "qkv_proj", "k"),
+        ("v_proj", "qkv_proj", "v"),
+        ("gate_proj", "gate_up_proj", "gate"),
+        ("up_proj", "gate_up_proj", "up"),
+    )
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.config = cfg
+        qkv_bias, o_bias, qk_norm = self.arch_flags(cfg)
+        self.model = LlamaModel(cfg, qkv_bias, o_bias, qk_norm)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = None if self.tie_word_embeddings else VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+
+    @staticmethod
+    def arch_flags(cfg: Any) -> tuple[bool, bool, bool]:
+        """(bias on q/k/v, bias on o_proj, RMSNorm on q and k)."""
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return bias, bias, False
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.project(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in; every parameter must be filled exactly once."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        missing = set()
+        for pname in params:
+            module = modules[pname.rpartition(".")[0]]
+            if isinstance(module, Linear) and len(module.shards) > 1:
+                missing.update(f"{pname}#{s}" for s in module.shards)
+            else:
+                missing.add(pname)
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied to the embedding
+            target, shard = name, None
+            for ckpt, ours, shard_id in self.stacked_params:
+                if f".{ckpt}." in name:
+                    target, shard = name.replace(f".{ckpt}.", f".{ours}."), shard_id
+                    break
+            if target not in params:
+                logger.debug("skipping checkpoint tensor %s", name)
+                continue
+            module_name, _, param_name = target.rpartition(".")
+            module = modules[module_name]
+            if isinstance(module, Linear):
+                module.load_shard(param_name, tensor, shard)
+            else:
+                param = params[target]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            missing.discard(target if shard is None else f"{target}#{shard}")
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")

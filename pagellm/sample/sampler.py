@@ -1,0 +1,169 @@
+"""Batched sampling with each request's own parameters.
+
+Order of operations on the logits of one step (one row per sampled request):
+
+1. raw log-probabilities (what ``logprobs`` reports: the model's own distribution);
+2. min_tokens: EOS / stop ids of rows below their minimum get -inf;
+3. logit_bias; repetition, frequency and presence penalties;
+4. greedy rows take the argmax; the other rows divide by temperature, apply top-k,
+   top-p and min-p, and draw with the exponential-race trick
+   ``argmax(p / q), q ~ Exp(1)``, which samples exactly from p. A seeded row draws its
+   q from a generator seeded by (seed, number of tokens generated so far), so its
+   tokens do not depend on what else is batched, nor on preemption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK = float("-inf")
+
+
+def seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator whose state depends only on (seed, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA77 + 0x165667B1) % (1 << 63))
+    return g
+
+
+@dataclass
+class SamplingMetadata:
+    temperature: torch.Tensor  # [N], 0 for greedy rows
+    all_greedy: bool
+    top_k: torch.Tensor | None = None  # [N] int64, vocab size where off
+    top_p: torch.Tensor | None = None  # [N]
+    min_p: torch.Tensor | None = None  # [N]
+    presence_penalty: torch.Tensor | None = None  # [N]; None: no row has any penalty
+    frequency_penalty: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    output_token_ids: list[list[int]] = field(default_factory=list)
+    logit_bias: list[dict[int, float] | None] | None = None
+    min_tokens_blocked: list[tuple[int, list[int]]] = field(default_factory=list)
+    """(row, token ids) that may not be sampled yet (min_tokens)."""
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    max_num_logprobs: int | None = None
+    """Largest top-N asked for in this batch; None when no row wants logprobs."""
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.presence_penalty is None
+
+
+@dataclass
+class SamplerOutput:
+    sampled: torch.Tensor  # [N] int64
+    logprob_token_ids: torch.Tensor | None = None  # [N, 1 + k]: sampled token, then top-k
+    logprobs: torch.Tensor | None = None  # [N, 1 + k]
+    sampled_ranks: torch.Tensor | None = None  # [N] 1-based rank of the sampled token
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[N, vocab] occurrence counts (float32)."""
+    n = len(token_lists)
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros(n, vocab + 1, dtype=torch.float32, device=device)
+    if width:
+        padded = torch.full((n, width), vocab, dtype=torch.long)
+        for i, toks in enumerate(token_lists):
+            if toks:
+                padded[i, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+        padded = padded.to(device)
+        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    assert meta.presence_penalty is not None
+    assert meta.frequency_penalty is not None and meta.repetition_penalty is not None
+    vocab = logits.shape[1]
+    out_counts = _token_counts(meta.output_token_ids, vocab, logits.device)
+    seen = (_token_counts(meta.prompt_token_ids, vocab, logits.device) > 0) | (out_counts > 0)
+    rep = meta.repetition_penalty[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - meta.frequency_penalty[:, None] * out_counts
+    logits = logits - meta.presence_penalty[:, None] * (out_counts > 0).float()
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask tokens outside each row's top-k and top-p nucleus (at least one survives)."""
+    if top_p is None:
+        assert top_k is not None
+        max_k = int(top_k.max())
+        kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).clamp(min=0)[:, None])
+        return logits.masked_fill(logits < kth, _MASK)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], _MASK)
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already reach top_p.
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, _MASK)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, global_generator: torch.Generator | None = None) -> None:
+        self.generator = global_generator
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+
+        if meta.min_tokens_blocked or meta.logit_bias or not meta.no_penalties:
+            logits = logits.clone()
+        for row, ids in meta.min_tokens_blocked:
+            logits[row, ids] = _MASK
+        if meta.logit_bias:
+            for row, bias in enumerate(meta.logit_bias):
+                if bias:
+                    ids = torch.tensor(list(bias.keys()), device=logits.device)
+                    vals = torch.tensor(list(bias.values()), device=logits.device)
+                    logits[row].index_add_(0, ids, vals)
+        if not meta.no_penalties:
+            logits = apply_penalties(logits, meta)
+
+        greedy = logits.argmax(dim=-1)
+        if meta.all_greedy:
+            sampled = greedy
+        else:
+            sampled = torch.where(meta.temperature == 0, greedy, self._sample(logits, meta))
+
+        out = SamplerOutput(sampled=sampled)
+        if raw_logprobs is not None:
+            assert meta.max_num_logprobs is not None
+            chosen = raw_logprobs.gather(1, sampled[:, None])
+            ranks = (raw_logprobs > chosen).sum(dim=-1) + 1
+            if meta.max_num_logprobs > 0:
+                top = raw_logprobs.topk(meta.max_num_logprobs, dim=-1)
+                out.logprob_token_ids = torch.cat([sampled[:, None], top.indices], dim=1)
+                out.logprobs = torch.cat([chosen, top.values], dim=1)
+            else:
+                out.logprob_token_ids = sampled[:, None]
+                out.logprobs = chosen
+            out.sampled_ranks = ranks
+        return out
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        temp = torch.where(meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature)
+        logits = logits / temp[:, None]
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = logits.softmax(dim=-1)
+        if meta.min_p is not None:
+            floor = probs.max(dim=-1, keepdim=True).values * meta.min_p[:, None]
+            probs = probs.masked_fill(probs < floor, 0.0)
+        q = torch.empty_like(probs)
+        if len(meta.generators) < probs.shape[0]:
+            q.exponential_(generator=self.generator)
+        for row, gen in meta.generators.items():
+            q[row].exponential_(generator=gen)
+        return probs.div_(q).argmax(dim=-1)

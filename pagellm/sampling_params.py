@@ -1,0 +1,200 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops.
+
+Every field has a default; ``__post_init__`` validates and normalises, raising
+``ValueError`` that names the offending parameter. Fields mirror vLLM's SamplingParams
+so OpenAI/vLLM users find what they expect.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+
+from pagellm.utils import strict_kwargs
+
+_SAMPLING_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries."""
+
+    CUMULATIVE = 0
+    """The whole text and token list so far (vLLM's default)."""
+    DELTA = 1
+    """Only what is new since the previous output (streaming)."""
+    FINAL_ONLY = 2
+    """A single output when the request finishes (offline generate)."""
+
+
+@strict_kwargs
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Number of independent completions to return for the prompt."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (-2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit per time it was generated (-2..2)."""
+    repetition_penalty: float = 1.0
+    """Divides positive / multiplies negative logits of tokens seen in prompt or output."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is batched."""
+    stop: list[str] | str | None = None
+    """Strings that end generation; they are not included in the text."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation (kept in token_ids, not in text if special)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None means up to the model's context length."""
+    min_tokens: int = 0
+    """Generate at least this many tokens before EOS or stop_token_ids may end it."""
+    logprobs: int | None = None
+    """Return the log probability of each sampled token and this many top alternatives."""
+    prompt_logprobs: int | None = None
+    """Return log probabilities of the prompt tokens with this many top alternatives."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of the given token ids before sampling (-100..100)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the text."""
+    spaces_between_special_tokens: bool = True
+    """Kept for vLLM compatibility; fast tokenizers decide spacing themselves."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the text."""
+    detokenize: bool = True
+    """Produce text; False returns token ids only."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """What each RequestOutput carries (cumulative, delta or final only)."""
+    _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        else:
+            self.stop_token_ids = list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(
+                    "logit_bias must map token ids to numbers, got " f"{self.logit_bias!r}"
+                ) from None
+        self._verify()
+        if self.temperature < _SAMPLING_EPS:
+            # Greedy: the other sampling knobs cannot change an argmax.
+            self.temperature = 0.0
+            self.top_p = 1.0
+            self.top_k = -1
+            self.min_p = 0.0
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _verify(self) -> None:
+        def check(cond: bool, name: str, msg: str, value: object) -> None:
+            if not cond:
+                raise ValueError(f"{name} {msg}, got {value!r}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        check(is_int(self.n) and self.n >= 1, "n", "must be an integer of at least 1", self.n)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            check(is_num(v) and -2.0 <= v <= 2.0, name, "must be in [-2, 2]", v)
+        check(
+            is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            "must be greater than 0",
+            self.repetition_penalty,
+        )
+        check(
+            is_num(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be non-negative",
+            self.temperature,
+        )
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        check(
+            is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
+            "top_k",
+            "must be -1 (disabled) or at least 1",
+            self.top_k,
+        )
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
+        check(self.seed is None or is_int(self.seed), "seed", "must be an integer", self.seed)
+        if self.max_tokens is not None:
+            check(
+                is_int(self.max_tokens) and self.max_tokens >= 1,
+                "max_tokens",
+                "must be at least 1",
+                self.max_tokens,
+            )
+        check(
+            is_int(self.min_tokens) and self.min_tokens >= 0,
+            "min_tokens",
+            "must be a non-negative integer",
+            self.min_tokens,
+        )
+        if self.max_tokens is not None:
+            check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"must not exceed max_tokens ({self.max_tokens})",
+                self.min_tokens,
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None:
+                check(
+                    is_int(v) and 0 <= v <= MAX_LOGPROBS,
+                    name,
+                    f"must be an integer in [0, {MAX_LOGPROBS}]",
+                    v,
+                )
+        assert isinstance(self.stop, list)
+        for s in self.stop:
+            check(isinstance(s, str) and s != "", "stop", "must hold non-empty strings", s)
+        assert isinstance(self.stop_token_ids, list)
+        for t in self.stop_token_ids:
+            check(is_int(t) and t >= 0, "stop_token_ids", "must hold token ids", t)
+        if self.logit_bias:
+            for tok, bias in self.logit_bias.items():
+                check(tok >= 0, "logit_bias", "keys must be token ids", tok)
+                check(-100 <= bias <= 100, "logit_bias", "values must be in [-100, 100]", bias)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return self._all_stop_token_ids
+
+    def update_from_eos(self, eos_token_ids: tuple[int, ...]) -> None:
+        """Record the model's EOS ids so min_tokens can hold them back too."""
+        self._all_stop_token_ids = set(self.stop_token_ids or ()) | (
+            set() if self.ignore_eos else set(eos_token_ids)
+        )
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)

@@ -1,0 +1,121 @@
+"""The memory plan and the paged KV tensors.
+
+One (K, V) pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``,
+allocated once at start-up from a byte budget. On CPU the budget is
+``kv_cache_memory`` (4 GiB by default); on CUDA it is what is left of
+``gpu_memory_utilization`` x total memory after weights and the activation peak of a
+profiling forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagellm.config import DEFAULT_CPU_KV_CACHE_MEMORY, CacheConfig
+from pagellm.models.llama import head_dim_of
+from pagellm.utils import format_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype) -> int:
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return int(hf_config.num_hidden_layers * 2 * num_kv_heads * head_dim_of(hf_config) * elem)
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """What start-up measured and decided; never written back into a config."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    block_size: int
+    num_blocks: int
+    budget_bytes: int
+    max_model_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.num_tokens / self.max_model_len
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_tokens * self.kv_bytes_per_token
+
+    def describe(self) -> str:
+        return (
+            f"weights {format_bytes(self.weight_bytes)}; KV {format_bytes(self.kv_bytes_per_token)}/token; "
+            f"{self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens "
+            f"({format_bytes(self.kv_bytes)}); {self.max_concurrency:.1f} requests of "
+            f"max_model_len={self.max_model_len} fit at once"
+        )
+
+
+def plan_kv_cache(
+    hf_config: Any,
+    cache_config: CacheConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+    weight_bytes: int,
+    profiled_peak_bytes: int = 0,
+) -> KVCachePlan:
+    per_token = kv_bytes_per_token(hf_config, dtype)
+    per_block = per_token * cache_config.block_size
+    if cache_config.kv_cache_memory is not None:
+        budget = int(cache_config.kv_cache_memory)
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used_by_others = total - free - torch.cuda.memory_reserved(device)
+        budget = int(total * cache_config.gpu_memory_utilization) - used_by_others - profiled_peak_bytes
+    else:
+        budget = DEFAULT_CPU_KV_CACHE_MEMORY
+    num_blocks = max(budget // per_block, 0)
+    if cache_config.num_gpu_blocks_override is not None:
+        num_blocks = cache_config.num_gpu_blocks_override
+    plan = KVCachePlan(
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=per_token,
+        block_size=cache_config.block_size,
+        num_blocks=int(num_blocks),
+        budget_bytes=budget,
+        max_model_len=max_model_len,
+    )
+    if plan.num_tokens < max_model_len:
+        need = -(-max_model_len // cache_config.block_size) * per_block
+        raise ValueError(
+            f"the KV cache cannot hold one request of max_model_len={max_model_len} tokens: "
+            f"the budget of {format_bytes(budget)} gives {plan.num_blocks} blocks = "
+            f"{plan.num_tokens} tokens at {format_bytes(per_token)} per token, and one full-length "
+            f"request needs {format_bytes(need)}. Raise kv_cache_memory (or "
+            f"gpu_memory_utilization) or lower max_model_len."
+        )
+    logger.info("KV cache plan: %s", plan.describe())
+    return plan
+
+
+def allocate_kv_cache(
+    plan: KVCachePlan, hf_config: Any, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (K, V) pair per layer.
+
+    On CPU the tensors are left uninitialised, so start-up does not commit the whole
+    budget (the OS hands out pages as they are first written); every backend reads only
+    rows it wrote or masks them out. On CUDA they are zeroed (cheap there).
+    """
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    shape = (plan.num_blocks, plan.block_size, num_kv_heads, head_dim_of(hf_config))
+    alloc = torch.zeros if device.type == "cuda" else torch.empty
+    caches = []
+    for _ in range(hf_config.num_hidden_layers):
+        caches.append((alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device)))
+    return caches

@@ -1,0 +1,360 @@
+"""ModelRunner: SchedulerOutput -> input tensors -> forward -> sample -> ModelRunnerOutput.
+
+The runner keeps a small state per request (its tokens, block table and sampling
+parameters), updated from the scheduler's deltas; it never sees a Request. A step is
+one flat batch with no padding:
+
+    input_ids[T], positions[T], slot_mapping[T]          one entry per computed token
+    query_start_loc[B+1], seq_lens[B], block_tables[B,*] one row per request
+
+Logits are computed only at rows that produce a token (the last row of a request whose
+chunk reaches its end) and at prompt rows of requests that asked for prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pagellm.config import EngineConfig
+from pagellm.core.sched_output import (
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from pagellm.layers import native
+from pagellm.layers.attention import (
+    AttentionMetadata,
+    get_attention_backend,
+    set_forward_context,
+)
+from pagellm.models.loader import build_model
+from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
+from pagellm.sampling_params import SamplingParams
+from pagellm.worker.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    prompt_logprobs_done: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device.device)
+        self.dtype = _DTYPES[config.model.dtype]
+        if config.device.num_threads:
+            torch.set_num_threads(config.device.num_threads)
+        self.native_lib = None
+        if self.device.type == "cpu" and self.dtype == torch.float32 and config.device.native_kernels:
+            self.native_lib = native.load()
+        self.attn_backend = get_attention_backend(
+            config.device.attention_backend
+            if config.device.native_kernels or config.device.attention_backend != "auto"
+            else "torch",
+            self.device,
+            self.dtype,
+        )
+        mc = config.model
+        self.model = build_model(
+            mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib
+        )
+        self.vocab_size = int(mc.hf_config.vocab_size)
+        self.block_size = config.cache.block_size
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(mc.seed)
+        self.sampler = Sampler(generator)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.plan: KVCachePlan | None = None
+        logger.info(
+            "model runner: device=%s dtype=%s attention=%s native kernels=%s threads=%d",
+            self.device, mc.dtype, self.attn_backend.name, self.native_lib is not None,
+            torch.get_num_threads(),
+        )  # fmt: skip
+
+    # ---- KV cache ---------------------------------------------------------------------
+
+    def initialize_kv_cache(self) -> KVCachePlan:
+        mc = self.config.model
+        peak = 0
+        if self.device.type == "cuda":
+            peak = self._profile_peak_memory()
+        self.plan = plan_kv_cache(
+            mc.hf_config, self.config.cache, self.dtype, self.device, mc.max_model_len,
+            self.weight_bytes, peak,
+        )  # fmt: skip
+        self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, self.dtype, self.device))
+        return self.plan
+
+    def _bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.kv_caches = caches
+        for layer, (k, v) in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
+            layer.k_cache = k
+            layer.v_cache = v
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Activation peak of one full-budget forward pass (CUDA), with a scratch cache."""
+        sc = self.config.scheduler
+        n = min(sc.max_num_batched_tokens, self.config.model.max_model_len)
+        nblk = -(-n // self.block_size)
+        scratch = KVCachePlan(0, 0, self.block_size, nblk, 0, n)
+        self._bind_kv_cache(allocate_kv_cache(scratch, self.config.model.hf_config, self.dtype, self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        meta = self._build_metadata(
+            np.array([0, n]), np.array([n]), np.arange(nblk, dtype=np.int32)[None, :],
+            np.arange(n, dtype=np.int64),
+        )  # fmt: skip
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        with set_forward_context(meta):
+            hidden = self.model(ids, pos)
+        self.model.compute_logits(hidden[-1:])  # type: ignore[operator]
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self._bind_kv_cache([])
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    # ---- state updates --------------------------------------------------------------
+
+    def _add_request(self, new: NewRequestData) -> None:
+        tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+        self.requests[new.req_id] = CachedRequestState(
+            req_id=new.req_id,
+            token_ids=tokens,
+            num_prompt_tokens=len(new.prompt_token_ids),
+            sampling_params=new.sampling_params,
+            block_ids=list(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            # After preemption the prompt's logprobs were already reported.
+            prompt_logprobs_done=bool(new.output_token_ids),
+        )
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for parent_id, child_id in sched.forked_reqs:
+            parent = self.requests[parent_id]
+            self.requests[child_id] = CachedRequestState(
+                req_id=child_id,
+                token_ids=list(parent.token_ids),
+                num_prompt_tokens=parent.num_prompt_tokens,
+                sampling_params=parent.sampling_params,
+                block_ids=list(parent.block_ids),
+                num_computed_tokens=parent.num_computed_tokens,
+                prompt_logprobs_done=True,
+            )
+        for new in sched.scheduled_new_reqs:
+            self._add_request(new)
+        for cached in sched.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            for idx, block in cached.replaced_blocks:
+                state.block_ids[idx] = block
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ---- the step ---------------------------------------------------------------------
+
+    def _build_metadata(
+        self,
+        query_start_loc: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
+        slot_mapping: np.ndarray,
+    ) -> AttentionMetadata:
+        dev = self.device
+        q_lens = np.diff(query_start_loc)
+        meta = AttentionMetadata(
+            num_tokens=int(query_start_loc[-1]),
+            num_seqs=len(seq_lens),
+            block_size=self.block_size,
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(block_tables.astype(np.int32)).to(dev),
+            slot_mapping=torch.from_numpy(slot_mapping.astype(np.int64)).to(dev),
+            max_query_len=int(q_lens.max()) if len(q_lens) else 0,
+            max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+            backend=self.attn_backend,
+        )
+        meta.backend_data = self.attn_backend.prepare(meta)
+        return meta
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        self.copy_blocks(sched.block_copies)
+        req_ids = list(sched.num_scheduled_tokens)
+        if not req_ids:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        states = [self.requests[r] for r in req_ids]
+        B = len(states)
+        bs = self.block_size
+        q_lens = np.fromiter((sched.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=B)
+        qsl = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        T = int(qsl[-1])
+        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=B)
+        seq_lens = starts + q_lens
+        input_ids = np.empty(T, dtype=np.int64)
+        max_blocks = max(len(s.block_ids) for s in states)
+        block_tables = np.zeros((B, max_blocks), dtype=np.int32)
+        for i, s in enumerate(states):
+            input_ids[qsl[i] : qsl[i + 1]] = s.token_ids[starts[i] : seq_lens[i]]
+            block_tables[i, : len(s.block_ids)] = s.block_ids
+        row_of_token = np.repeat(np.arange(B), q_lens)
+        positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
+        slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        meta = self._build_metadata(qsl, seq_lens, block_tables, slot_mapping)
+
+        # Rows whose logits we need: the sampling rows, then prompt-logprob rows.
+        sample_req_idx = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
+        logits_rows = [int(qsl[i + 1] - 1) for i in sample_req_idx]
+        prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (req idx, first row, n, first pos)
+        for i, s in enumerate(states):
+            if s.sampling_params.prompt_logprobs is None or s.prompt_logprobs_done:
+                continue
+            end_pos = min(int(seq_lens[i]), s.num_prompt_tokens - 1)
+            n = end_pos - int(starts[i])
+            if n > 0:
+                prompt_lp_spans.append((i, len(logits_rows), n, int(starts[i])))
+                logits_rows.extend(range(int(qsl[i]), int(qsl[i]) + n))
+            if seq_lens[i] >= s.num_prompt_tokens - 1:
+                s.prompt_logprobs_done = True
+
+        dev = self.device
+        with set_forward_context(meta):
+            hidden = self.model(
+                torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
+            )
+        sampled_lists: list[list[int]] = [[] for _ in range(B)]
+        logprobs_out: list[TokenLogprobs | None] | None = None
+        prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        if logits_rows:
+            rows = torch.as_tensor(logits_rows, device=dev)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))  # type: ignore[operator]
+            n_sample = len(sample_req_idx)
+            if n_sample:
+                sample_states = [states[i] for i in sample_req_idx]
+                out = self.sampler(logits[:n_sample], self._sampling_metadata(sample_states))
+                tokens = out.sampled.tolist()
+                for j, i in enumerate(sample_req_idx):
+                    sampled_lists[i] = [tokens[j]]
+                    states[i].token_ids.append(tokens[j])
+                if out.logprobs is not None:
+                    logprobs_out = [None] * B
+                    ids = out.logprob_token_ids.tolist()  # type: ignore[union-attr]
+                    lps = out.logprobs.tolist()
+                    ranks = out.sampled_ranks.tolist()  # type: ignore[union-attr]
+                    for j, i in enumerate(sample_req_idx):
+                        k = states[i].sampling_params.logprobs
+                        if k is None:
+                            continue
+                        logprobs_out[i] = TokenLogprobs(
+                            token_ids=ids[j][: k + 1],
+                            logprobs=lps[j][: k + 1],
+                            ranks=[ranks[j], *range(1, k + 1)],
+                        )
+            for i, first_row, n, first_pos in prompt_lp_spans:
+                s = states[i]
+                targets = s.token_ids[first_pos + 1 : first_pos + 1 + n]
+                prompt_logprobs[s.req_id] = self._logprobs_of(
+                    logits[first_row : first_row + n], targets, s.sampling_params.prompt_logprobs or 0
+                )
+        for s, n in zip(states, q_lens):
+            s.num_computed_tokens += int(n)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            sampled_token_ids=sampled_lists,
+            logprobs=logprobs_out,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    @staticmethod
+    def _logprobs_of(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+        lp = logits.float().log_softmax(dim=-1)
+        tgt = torch.as_tensor(targets, device=lp.device)[:, None]
+        chosen = lp.gather(1, tgt)
+        ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+        chosen_l = chosen[:, 0].tolist()
+        if k > 0:
+            top = lp.topk(k, dim=-1)
+            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+        else:
+            top_ids = top_lps = [[] for _ in targets]
+        return [
+            TokenLogprobs([t, *top_ids[j]], [chosen_l[j], *top_lps[j]], [ranks[j], *range(1, k + 1)])
+            for j, t in enumerate(targets)
+        ]
+
+    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        dev = self.device
+        params = [s.sampling_params for s in states]
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        all_greedy = all(p.temperature == 0 for p in params)
+        meta = SamplingMetadata(temperature=temps, all_greedy=all_greedy)
+        vocab = self.vocab_size
+        if not all_greedy:
+            if any(p.top_k != -1 for p in params):
+                meta.top_k = torch.tensor(
+                    [p.top_k if p.top_k != -1 else vocab for p in params], device=dev
+                )
+            if any(p.top_p < 1.0 for p in params):
+                meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            if any(p.min_p > 0 for p in params):
+                meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            for row, (s, p) in enumerate(zip(states, params)):
+                if p.seed is not None and p.temperature > 0:
+                    meta.generators[row] = seeded_generator(p.seed, s.num_output_tokens, dev)
+        if any(
+            p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+            for p in params
+        ):
+            f32 = torch.float32
+            meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=f32, device=dev)
+            meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=f32, device=dev)
+            meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=f32, device=dev)
+            meta.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
+            meta.output_token_ids = [s.token_ids[s.num_prompt_tokens :] for s in states]
+        if any(p.logit_bias for p in params):
+            meta.logit_bias = [p.logit_bias for p in params]
+        for row, (s, p) in enumerate(zip(states, params)):
+            if p.min_tokens and s.num_output_tokens < p.min_tokens and p.all_stop_token_ids:
+                meta.min_tokens_blocked.append((row, sorted(p.all_stop_token_ids)))
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        meta.max_num_logprobs = max(asked) if asked else None
+        return meta
