@@ -239,9 +239,116 @@ void pagellm_write_kv_f32(const float* k, int64_t ldk, const float* v, int64_t l
     }
 }
 
+/* Sum each of four vectors: returns {sum(a), sum(b), sum(c), sum(d)}. */
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* scores[g][j] = scale * q_g . K[j] for the G query heads of one KV head, j < ctx.
+ * Walks the block table (no division per key) four keys at a time, so one horizontal
+ * reduction serves four dot products. */
+static void attn_scores(const float* qs, int64_t G, int64_t D, const float* k_cache,
+                        const int32_t* bt, int64_t block_size, int64_t row, int64_t kh,
+                        int64_t ctx, float scale, float* scores) {
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {
+        const float* base = k_cache + (int64_t)bt[b] * block_size * row + kh * D;
+        int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
+        for (int64_t r0 = 0; r0 < n; r0 += 4) {
+            int64_t nk = n - r0 < 4 ? n - r0 : 4;
+            const float* k0 = base + r0 * row;
+            const float* k1 = nk > 1 ? k0 + row : k0;
+            const float* k2 = nk > 2 ? k0 + 2 * row : k0;
+            const float* k3 = nk > 3 ? k0 + 3 * row : k0;
+            for (int64_t g = 0; g < G; g++) {
+                const float* qg = qs + g * D;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(),
+                       a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8) {
+                    __m256 qv = _mm256_loadu_ps(qg + d);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+                }
+                float* dst = scores + g * ctx + j0 + r0;
+                if (nk == 4) {
+                    _mm_storeu_ps(dst, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+                } else {
+                    float tmp[4];
+                    _mm_storeu_ps(tmp, _mm_mul_ps(hsum4(a0, a1, a2, a3), vscale));
+                    for (int64_t r = 0; r < nk; r++) dst[r] = tmp[r];
+                }
+            }
+        }
+    }
+}
+
+/* In place: scores[g] <- softmax(scores[g]) over ctx entries, for each g < G. */
+static void softmax_rows(float* scores, int64_t G, int64_t ctx) {
+    for (int64_t g = 0; g < G; g++) {
+        float* sc = scores + g * ctx;
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= ctx; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + j));
+        float mx = hmax256(vm);
+        for (; j < ctx; j++) mx = sc[j] > mx ? sc[j] : mx;
+        __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
+        j = 0;
+        for (; j + 8 <= ctx; j += 8) {
+            __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
+            _mm256_storeu_ps(sc + j, e);
+            vs = _mm256_add_ps(vs, e);
+        }
+        float sum = hsum256(vs);
+        for (; j < ctx; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        __m256 inv = _mm256_set1_ps(1.0f / sum);
+        j = 0;
+        for (; j + 8 <= ctx; j += 8) _mm256_storeu_ps(sc + j, _mm256_mul_ps(_mm256_loadu_ps(sc + j), inv));
+        for (; j < ctx; j++) sc[j] *= 1.0f / sum;
+    }
+}
+
+/* out[g][d0:d0+32] = sum_j p[g][j] V[j][d0:d0+32] for GC (1..3) heads at once: each
+ * 32-float slice of a V row is loaded once and feeds GC x 4 register accumulators. */
+#define PV_SLICE(GC)                                                                           \
+    static void pv_slice_##GC(const float* probs, int64_t ctx, const float* v_cache,          \
+                              const int32_t* bt, int64_t block_size, int64_t row,             \
+                              int64_t off, float* out, int64_t D) {                           \
+        __m256 acc[GC][4];                                                                     \
+        for (int g = 0; g < GC; g++)                                                           \
+            for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();                       \
+        for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {                       \
+            const float* vr = v_cache + (int64_t)bt[b] * block_size * row + off;               \
+            int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;                         \
+            for (int64_t r = 0; r < n; r++, vr += row) {                                       \
+                __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8),                 \
+                       v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);           \
+                for (int g = 0; g < GC; g++) {                                                 \
+                    __m256 p = _mm256_broadcast_ss(probs + g * ctx + j0 + r);                  \
+                    acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);                             \
+                    acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);                             \
+                    acc[g][2] = _mm256_fmadd_ps(p, v2, acc[g][2]);                             \
+                    acc[g][3] = _mm256_fmadd_ps(p, v3, acc[g][3]);                             \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int g = 0; g < GC; g++)                                                           \
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + g * D + i * 8, acc[g][i]);      \
+    }
+PV_SLICE(1)
+PV_SLICE(2)
+PV_SLICE(3)
+
 /* Paged attention for a flattened batch of prefill chunks and decode tokens.
  * One work item is (token, kv head): the G = Hq / Hkv query heads of the group read each
- * K and V row once. Exact two-pass softmax over the token's whole visible context. */
+ * K and V row once (per 32-channel slice). Exact two-pass softmax over the token's whole
+ * visible context. Requires head_dim % 32 == 0 (checked by the caller). */
 void pagellm_paged_attention_f32(const float* q, int64_t ldq, const float* k_cache,
                                  const float* v_cache, const int32_t* block_tables,
                                  int64_t max_blocks, const int32_t* seq_lens,
@@ -254,7 +361,6 @@ void pagellm_paged_attention_f32(const float* q, int64_t ldq, const float* k_cac
 #pragma omp parallel num_threads(nthreads)
     {
         float* scores = (float*)malloc(sizeof(float) * (size_t)(G * (max_seq_len + 8)));
-        float* acc = (float*)malloc(sizeof(float) * (size_t)(G * D));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < T * Hkv; item++) {
             int64_t t = item / Hkv, kh = item % Hkv;
@@ -264,51 +370,21 @@ void pagellm_paged_attention_f32(const float* q, int64_t ldq, const float* k_cac
             int64_t ctx = pos + 1;
             const int32_t* bt = block_tables + s * max_blocks;
             const float* qs = q + t * ldq + kh * G * D;
-            /* Scores: G dot products per context row. */
-            for (int64_t j = 0; j < ctx; j++) {
-                const float* kr = k_cache + ((int64_t)bt[j / block_size] * block_size + j % block_size) * row + kh * D;
-                for (int64_t g = 0; g < G; g++) scores[g * ctx + j] = dot_f32(qs + g * D, kr, D) * scale;
-            }
-            /* Softmax per query head. */
-            for (int64_t g = 0; g < G; g++) {
-                float* sc = scores + g * ctx;
-                __m256 vm = _mm256_set1_ps(-INFINITY);
-                int64_t j = 0;
-                for (; j + 8 <= ctx; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + j));
-                float mx = hmax256(vm);
-                for (; j < ctx; j++) mx = sc[j] > mx ? sc[j] : mx;
-                __m256 vmx = _mm256_set1_ps(mx), vs = _mm256_setzero_ps();
-                j = 0;
-                for (; j + 8 <= ctx; j += 8) {
-                    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vmx));
-                    _mm256_storeu_ps(sc + j, e);
-                    vs = _mm256_add_ps(vs, e);
-                }
-                float sum = hsum256(vs);
-                for (; j < ctx; j++) {
-                    sc[j] = expf(sc[j] - mx);
-                    sum += sc[j];
-                }
-                float inv = 1.0f / sum;
-                for (j = 0; j < ctx; j++) sc[j] *= inv;
-            }
-            /* Weighted sum of V rows. */
-            memset(acc, 0, sizeof(float) * (size_t)(G * D));
-            for (int64_t j = 0; j < ctx; j++) {
-                const float* vr = v_cache + ((int64_t)bt[j / block_size] * block_size + j % block_size) * row + kh * D;
-                for (int64_t g = 0; g < G; g++) {
-                    __m256 p = _mm256_set1_ps(scores[g * ctx + j]);
-                    float* a = acc + g * D;
-                    int64_t d = 0;
-                    for (; d + 8 <= D; d += 8)
-                        _mm256_storeu_ps(a + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(a + d)));
-                    for (; d < D; d++) a[d] += scores[g * ctx + j] * vr[d];
-                }
-            }
+            attn_scores(qs, G, D, k_cache, bt, block_size, row, kh, ctx, scale, scores);
+            softmax_rows(scores, G, ctx);
             float* o = out + (t * Hq + kh * G) * D;
-            memcpy(o, acc, sizeof(float) * (size_t)(G * D));
+            for (int64_t g0 = 0; g0 < G; g0 += 3) {
+                int64_t gc = G - g0 < 3 ? G - g0 : 3;
+                for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                    const float* pr = scores + g0 * ctx;
+                    float* og = o + g0 * D + d0;
+                    int64_t off = kh * D + d0;
+                    if (gc == 3) pv_slice_3(pr, ctx, v_cache, bt, block_size, row, off, og, D);
+                    else if (gc == 2) pv_slice_2(pr, ctx, v_cache, bt, block_size, row, off, og, D);
+                    else pv_slice_1(pr, ctx, v_cache, bt, block_size, row, off, og, D);
+                }
+            }
         }
         free(scores);
-        free(acc);
     }
 }

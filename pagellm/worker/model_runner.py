@@ -32,6 +32,7 @@ from pagellm.layers.attention import (
     get_attention_backend,
     set_forward_context,
 )
+from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
 from pagellm.sampling_params import SamplingParams
@@ -68,12 +69,11 @@ class ModelRunner:
         self.native_lib = None
         if self.device.type == "cpu" and self.dtype == torch.float32 and config.device.native_kernels:
             self.native_lib = native.load()
+        backend = config.device.attention_backend
+        if backend == "auto" and self.native_lib is None:
+            backend = "torch"
         self.attn_backend = get_attention_backend(
-            config.device.attention_backend
-            if config.device.native_kernels or config.device.attention_backend != "auto"
-            else "torch",
-            self.device,
-            self.dtype,
+            backend, self.device, self.dtype, head_dim_of(config.model.hf_config)
         )
         mc = config.model
         self.model = build_model(

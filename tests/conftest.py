@@ -1,0 +1,120 @@
+"""Shared fixtures: the real SmolLM2 model, tiny random models of every architecture,
+and the transformers references they are checked against."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from pagellm.models.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(default_model_path: str) -> Any:
+    from pagellm.engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def smol_llm() -> Iterator[Any]:
+    """The real model with pagellm's defaults (native CPU kernels), shared by tests."""
+    from pagellm import LLM
+
+    llm = LLM(max_model_len=2048, kv_cache_memory="512MiB")
+    yield llm
+
+
+@pytest.fixture(scope="session")
+def hf_smol(default_model_path: str) -> Any:
+    """transformers' own GGUF loader: the independent reference for the real model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(default_model_path),
+        gguf_file=os.path.basename(default_model_path),
+        dtype=torch.float32,
+    )
+    return model.eval()
+
+
+def tiny_config(arch: str) -> Any:
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=[arch],
+    )
+    if arch == "LlamaForCausalLM":
+        return transformers.LlamaConfig(
+            **common,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        )
+    if arch == "MistralForCausalLM":
+        return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    if arch == "Qwen2ForCausalLM":
+        common["num_key_value_heads"] = 1  # MQA
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    if arch == "Qwen3ForCausalLM":
+        return transformers.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True)
+    raise AssertionError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> dict[str, str]:
+    """A saved random model per architecture (2 layers, GQA/MQA), with biases and
+    q/k-norm weights randomised so that loading them is actually tested."""
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for arch in TINY_ARCHS:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+                elif "norm" in name:
+                    p.normal_(1.0, 0.2)
+        path = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(path)
+        smol_tokenizer.save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
+
+
+def hf_logits(model: Any, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
