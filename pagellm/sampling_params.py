@@ -93,7 +93,7 @@ class SamplingParams:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError, AttributeError):
                 raise ValueError(
-                    "logit_bias must map token ids to numbers, got " f"{self.logit_bias!r}"
+                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
                 ) from None
         self._verify()
         if self.temperature < _SAMPLING_EPS:

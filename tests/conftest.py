@@ -86,14 +86,18 @@ def tiny_config(arch: str) -> Any:
         return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     if arch == "Qwen2ForCausalLM":
         common["num_key_value_heads"] = 1  # MQA
-        return transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+        return transformers.Qwen2Config(
+            **common, tie_word_embeddings=True, use_sliding_window=False
+        )
     if arch == "Qwen3ForCausalLM":
         return transformers.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True)
     raise AssertionError(arch)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> dict[str, str]:
+def tiny_model_dirs(
+    tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any
+) -> dict[str, str]:
     """A saved random model per architecture (2 layers, GQA/MQA), with biases and
     q/k-norm weights randomised so that loading them is actually tested."""
     from transformers import AutoModelForCausalLM

@@ -46,7 +46,9 @@ def test_raw_logits_equal_hf(arch: str, tiny_model_dirs: dict[str, str]) -> None
 
     model.compute_logits = capture
     prompt = _prompts(1, 1)[0]
-    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)
+    llm.generate(
+        [prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False
+    )
     # One step: the sampling row (last position) first, then prompt rows 0..n-2.
     (rows,) = captured
     ref = hf_logits(_hf(path), prompt)
@@ -72,7 +74,9 @@ def test_batched_chunked_distributions_equal_hf(
         enable_prefix_caching=False,
     )
     prompts = _prompts(6, 2)
-    params = SamplingParams(max_tokens=6, temperature=0, logprobs=5, prompt_logprobs=5, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=6, temperature=0, logprobs=5, prompt_logprobs=5, ignore_eos=True
+    )
     outs = llm.generate(prompts, params, use_tqdm=False)
     hf = _hf(path)
     for prompt, out in zip(prompts, outs):

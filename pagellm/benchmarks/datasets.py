@@ -89,7 +89,11 @@ def sample_random_text_requests(
             ids = tokenizer.encode(text, add_special_tokens=False)
             if len(ids) == n_in:
                 break
-            ids = ids[:n_in] if len(ids) > n_in else ids + [rng.choice(pool) for _ in range(n_in - len(ids))]
+            ids = (
+                ids[:n_in]
+                if len(ids) > n_in
+                else ids + [rng.choice(pool) for _ in range(n_in - len(ids))]
+            )
         text = tokenizer.decode(ids)
         out.append(RandomRequest(ids, n_out, prompt=text))
     return out
@@ -118,7 +122,11 @@ def load_sharegpt_requests(
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         if not ids or len(ids) > max_prompt_len:
             continue
-        n_out = rng.randint(*output_len) if output_len else max(len(tokenizer.encode(reply, add_special_tokens=False)), 4)
+        n_out = (
+            rng.randint(*output_len)
+            if output_len
+            else max(len(tokenizer.encode(reply, add_special_tokens=False)), 4)
+        )
         out.append(RandomRequest(ids, n_out, prompt=prompt))
         if len(out) == num_prompts:
             break
@@ -141,7 +149,9 @@ def sample_prefix_repetition_requests(
     rng = random.Random(seed)
     pool = normal_token_ids(tokenizer)
     prefixes = [
-        sample_random_text_requests(tokenizer, 1, (prefix_len, prefix_len), (1, 1), seed + 1000 + i)[0]
+        sample_random_text_requests(
+            tokenizer, 1, (prefix_len, prefix_len), (1, 1), seed + 1000 + i
+        )[0]
         for i in range(num_prefixes)
     ]
     out = []

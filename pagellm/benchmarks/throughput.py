@@ -48,12 +48,18 @@ def run_pagellm(requests: list[RandomRequest], args: argparse.Namespace) -> tupl
     engine_args = EngineArgs.from_cli_args(args)
     llm = LLM(**{k: v for k, v in vars(engine_args).items()})
     params = [
-        SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len, seed=None)
+        SamplingParams(
+            temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len, seed=None
+        )
         for r in requests
     ]
     prompts = [r.prompt_token_ids for r in requests]
     # Warm up allocator and kernels on a couple of requests first.
-    llm.generate(prompts[:2], [SamplingParams(max_tokens=4, ignore_eos=True)] * min(2, len(prompts)), use_tqdm=False)
+    llm.generate(
+        prompts[:2],
+        [SamplingParams(max_tokens=4, ignore_eos=True)] * min(2, len(prompts)),
+        use_tqdm=False,
+    )
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     elapsed = time.perf_counter() - start
@@ -147,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(engine_args.model)
     tokenizer = load_tokenizer(engine_args.tokenizer or model_path)
     requests = sample_random_token_requests(
-        tokenizer, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), args.seed
+        tokenizer,
+        args.num_prompts,
+        parse_range(args.input_len),
+        parse_range(args.output_len),
+        args.seed,
     )
     runner = run_hf if args.backend == "hf" else run_pagellm
     elapsed, model_name, dtype = runner(requests, args)
@@ -197,7 +207,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--input-len", default="32:256", help="prompt length range A:B (or one number)")
     p.add_argument("--output-len", default="32:256", help="output length range C:D (or one number)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload and the engine")
-    p.add_argument("--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf")
+    p.add_argument(
+        "--hf-max-batch-size", type=int, default=64, help="static batch size of --backend hf"
+    )
     p.add_argument("--output-json", default=None)
     p.add_argument("--no-progress", action="store_true")
     EngineArgs.add_cli_args(p, skip=("seed",))  # --seed seeds the workload and the engine

@@ -60,7 +60,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt))
+            hashes.append(
+                hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt)
+            )
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Cached blocks matching the request's leading tokens, and how many tokens they hold."""

@@ -68,7 +68,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
-        self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1: not yet looked up
+        self.num_cached_tokens = (
+            -1
+        )  # prompt tokens served by the prefix cache; -1: not yet looked up
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         self.block_ids: list[int] = []

@@ -44,7 +44,9 @@ class Scheduler:
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
-        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -143,9 +145,7 @@ class Scheduler:
             budget -= num_new
             if request.req_id in self._worker_known:
                 replaced = [
-                    (j, b)
-                    for j, (a, b) in enumerate(zip(old_blocks, request.block_ids))
-                    if a != b
+                    (j, b) for j, (a, b) in enumerate(zip(old_blocks, request.block_ids)) if a != b
                 ]
                 cached_reqs.append(
                     CachedRequestData(

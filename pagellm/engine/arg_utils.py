@@ -33,7 +33,13 @@ from pagellm.utils import parse_size, strict_kwargs
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -136,7 +142,9 @@ class EngineArgs:
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
             # pagellm attends over the full context; capping at the window keeps it exact.
-            logger.warning("model uses sliding-window attention; max_model_len capped at %d", window)
+            logger.warning(
+                "model uses sliding-window attention; max_model_len capped at %d", window
+            )
             model_max = int(window)
         if self.max_model_len is None:
             max_model_len = model_max
@@ -164,7 +172,9 @@ class EngineArgs:
             else:
                 raise ValueError(f"chat template file {self.chat_template!r} does not exist")
         budget = self.max_num_batched_tokens or (
-            DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS if device == "cuda" else DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
+            DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS
+            if device == "cuda"
+            else DEFAULT_CPU_MAX_NUM_BATCHED_TOKENS
         )
         model_config = ModelConfig(
             model=self.model or DEFAULT_MODEL_NAME,

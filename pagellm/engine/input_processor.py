@@ -14,7 +14,7 @@ from pagellm.config import ModelConfig
 from pagellm.core.request import Request
 from pagellm.sampling_params import SamplingParams
 
-PromptType = str | Sequence[int]
+PromptType = str | Sequence[int] | dict[str, Any]
 
 
 class InputProcessor:
@@ -24,7 +24,9 @@ class InputProcessor:
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.max_model_len = model_config.max_model_len
 
-    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+    def tokenize(
+        self, prompt: PromptType, add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, str):
             if not prompt:
@@ -99,10 +101,15 @@ class InputProcessor:
                 f"the prompt has {n} tokens but max_model_len is {self.max_model_len}; "
                 "it must be shorter to leave room for at least one output token"
             )
-        for name, ids_ in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or [])):
+        for name, ids_ in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids or []),
+        ):
             bad = [t for t in ids_ if t >= self.vocab_size]
             if bad:
-                raise ValueError(f"{name} token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
+                raise ValueError(
+                    f"{name} token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}"
+                )
         params.update_from_eos(self.model_config.eos_token_ids)
         request = Request(
             req_id=req_id,
@@ -130,7 +137,9 @@ def _normalize_message(message: Any) -> dict[str, Any]:
                 texts.append(part)
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"message content part of type {kind!r} is not supported (text only)")
+                raise ValueError(
+                    f"message content part of type {kind!r} is not supported (text only)"
+                )
         message = {**message, "content": "".join(texts)}
     elif content is None:
         message = {**message, "content": ""}

@@ -16,8 +16,8 @@ from typing import Any
 
 from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
-from pagellm.core.scheduler import Scheduler
 from pagellm.core.sched_output import EngineCoreOutput
+from pagellm.core.scheduler import Scheduler
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor, ParentRequest
@@ -113,7 +113,9 @@ class LLMEngine:
         """Validate and queue a request (n > 1 becomes n child requests)."""
         if req_id in self.output_processor.states or req_id in self._children:
             raise ValueError(f"request id {req_id!r} is already in use")
-        requests = make_requests(self.input_processor, req_id, prompt, params, arrival_time, add_special_tokens)
+        requests = make_requests(
+            self.input_processor, req_id, prompt, params, arrival_time, add_special_tokens
+        )
         parent = None
         if params.n > 1:
             parent = ParentRequest(req_id, params.n, params.output_kind)

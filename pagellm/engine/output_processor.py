@@ -44,7 +44,9 @@ class IncrementalDetokenizer:
 
             try:
                 # The prompt's tail gives the decoder its context (leading spaces).
-                self._stream = DecodeStream(ids=list(prompt_ids[-6:]), skip_special_tokens=skip_special_tokens)
+                self._stream = DecodeStream(
+                    ids=list(prompt_ids[-6:]), skip_special_tokens=skip_special_tokens
+                )
             except TypeError:  # older tokenizers without prefill
                 self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
@@ -126,7 +128,9 @@ class OutputProcessor:
             prompt_token_ids=request.prompt_token_ids,
             params=params,
             detokenizer=(
-                IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+                IncrementalDetokenizer(
+                    self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+                )
                 if params.detokenize
                 else None
             ),
@@ -189,7 +193,9 @@ class OutputProcessor:
                 m.first_scheduled_time = co.first_scheduled_time
             state.num_cached_tokens = co.num_cached_tokens
             if co.new_prompt_logprobs and state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(self._to_logprob_dict(lp) for lp in co.new_prompt_logprobs)
+                state.prompt_logprobs.extend(
+                    self._to_logprob_dict(lp) for lp in co.new_prompt_logprobs
+                )
             if co.new_token_ids:
                 if m.first_token_time is None:
                     m.first_token_time = now
@@ -224,7 +230,11 @@ class OutputProcessor:
                 continue
             prev_len = len(state.text)
             state.text += state.detokenizer.add(tok)
-            if params.stop and len(state.text) > prev_len and self._check_stop_strings(state, prev_len):
+            if (
+                params.stop
+                and len(state.text) > prev_len
+                and self._check_stop_strings(state, prev_len)
+            ):
                 # Tokens after the one that completed the stop string are dropped.
                 return True
         return False
@@ -242,7 +252,9 @@ class OutputProcessor:
         if best is None:
             return False
         idx, stop = best
-        state.text = state.text[: idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+        state.text = (
+            state.text[: idx + len(stop)] if params.include_stop_str_in_output else state.text[:idx]
+        )
         state.finish_reason = "stop"
         state.stop_reason = stop
         return True
@@ -281,11 +293,16 @@ class OutputProcessor:
             if kind == RequestOutputKind.FINAL_ONLY and not state.finished:
                 return None
             return self._request_output(
-                state.req_id, state, [self._completion(state, kind == RequestOutputKind.DELTA)], state.finished
+                state.req_id,
+                state,
+                [self._completion(state, kind == RequestOutputKind.DELTA)],
+                state.finished,
             )
         # A child of an n > 1 request.
         if kind == RequestOutputKind.DELTA:
-            return self._request_output(parent.req_id, state, [self._completion(state, True)], parent.finished())
+            return self._request_output(
+                parent.req_id, state, [self._completion(state, True)], parent.finished()
+            )
         if kind == RequestOutputKind.FINAL_ONLY and not parent.finished():
             return None
         comps = [self._completion(parent.children[i], False) for i in sorted(parent.children)]

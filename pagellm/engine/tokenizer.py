@@ -37,7 +37,9 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
             tok = AutoTokenizer.from_pretrained(target)
         else:
             logger.info("building the tokenizer from GGUF metadata (cached afterwards)")
-            tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+            tok = AutoTokenizer.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path)
+            )
             tmp = tempfile.mkdtemp(dir=os.path.dirname(target))
             tok.save_pretrained(tmp)
             try:

@@ -103,7 +103,9 @@ class LLM:
             self.engine.abort_request(added)
             raise
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm or len(order) < 2)
+        bar = tqdm(
+            total=len(order), desc="Processed prompts", disable=not use_tqdm or len(order) < 2
+        )
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
@@ -121,9 +123,9 @@ class LLM:
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    prompts = list(prompts)
-    if not prompts:
+    items: list[Any] = list(prompts)
+    if not items:
         raise ValueError("prompts must not be empty")
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        return [items]  # one prompt given as token ids
+    return items

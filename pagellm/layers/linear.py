@@ -46,12 +46,16 @@ class Linear(nn.Module):
             raise ValueError(f"checkpoint has a bias for a layer built without one ({param_name})")
         if shard is None:
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs {tuple(param.shape)}")
+                raise ValueError(
+                    f"shape mismatch: checkpoint {tuple(tensor.shape)} vs {tuple(param.shape)}"
+                )
             param.data.copy_(tensor)
             return
         start, size = self.shards[shard]
         if tensor.shape[0] != size:
-            raise ValueError(f"shard {shard}: checkpoint has {tensor.shape[0]} rows, expected {size}")
+            raise ValueError(
+                f"shard {shard}: checkpoint has {tensor.shape[0]} rows, expected {size}"
+            )
         param.data[start : start + size].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,5 +27,7 @@ class RMSNorm(nn.Module):
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Plain RMSNorm over the last dimension (any leading shape)."""
         shape = x.shape
-        out, _ = ops.rms_norm(x.reshape(-1, shape[-1]).contiguous(), self.weight, self.eps, None, self._lib)
+        out, _ = ops.rms_norm(
+            x.reshape(-1, shape[-1]).contiguous(), self.weight, self.eps, None, self._lib
+        )
         return out.view(shape)

@@ -86,7 +86,9 @@ def rms_norm(
         M, N = x.shape
         out = torch.empty_like(x)
         if residual is None:
-            lib.pagellm_rms_norm_f32(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), M, N, eps, num_threads())
+            lib.pagellm_rms_norm_f32(
+                x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), M, N, eps, num_threads()
+            )
             return out, x
         assert residual.is_contiguous()
         lib.pagellm_rms_norm_f32(

@@ -88,8 +88,11 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq.cpu())
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        self.cos_sin_cache: torch.Tensor
         self.register_buffer(
-            "cos_sin_cache", cache.to(device=device, dtype=torch.get_default_dtype()), persistent=False
+            "cos_sin_cache",
+            cache.to(device=device, dtype=torch.get_default_dtype()),
+            persistent=False,
         )
         self._lib = ops.current_native_lib()
 

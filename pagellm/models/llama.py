@@ -63,7 +63,9 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm.norm(q.reshape(-1, self.num_heads, self.head_dim)).view(-1, self.q_size)
-            k = self.k_norm.norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(-1, self.kv_size)
+            k = self.k_norm.norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).view(
+                -1, self.kv_size
+            )
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
@@ -144,7 +146,9 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias, o_bias, qk_norm = self.arch_flags(cfg)
         self.model = LlamaModel(cfg, qkv_bias, o_bias, qk_norm)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = (
+            None if self.tie_word_embeddings else VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        )
 
     @staticmethod
     def arch_flags(cfg: Any) -> tuple[bool, bool, bool]:
@@ -160,13 +164,13 @@ class LlamaForCausalLM(nn.Module):
         return head.project(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.layers]  # type: ignore[union-attr,misc]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors in; every parameter must be filled exactly once."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
-        missing = set()
+        missing: set[str] = set()
         for pname in params:
             module = modules[pname.rpartition(".")[0]]
             if isinstance(module, Linear) and len(module.shards) > 1:
@@ -193,7 +197,9 @@ class LlamaForCausalLM(nn.Module):
             else:
                 param = params[target]
                 if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}")
+                    raise ValueError(
+                        f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}"
+                    )
                 param.data.copy_(tensor)
             missing.discard(target if shard is None else f"{target}#{shard}")
         if missing:

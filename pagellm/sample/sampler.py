@@ -124,9 +124,9 @@ class Sampler:
         if meta.logit_bias:
             for row, bias in enumerate(meta.logit_bias):
                 if bias:
-                    ids = torch.tensor(list(bias.keys()), device=logits.device)
-                    vals = torch.tensor(list(bias.values()), device=logits.device)
-                    logits[row].index_add_(0, ids, vals)
+                    ids_t = torch.tensor(list(bias.keys()), device=logits.device)
+                    vals_t = torch.tensor(list(bias.values()), device=logits.device)
+                    logits[row].index_add_(0, ids_t, vals_t)
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
 
@@ -152,7 +152,9 @@ class Sampler:
         return out
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        temp = torch.where(meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature)
+        temp = torch.where(
+            meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature
+        )
         logits = logits / temp[:, None]
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)

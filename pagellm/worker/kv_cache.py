@@ -76,7 +76,9 @@ def plan_kv_cache(
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used_by_others = total - free - torch.cuda.memory_reserved(device)
-        budget = int(total * cache_config.gpu_memory_utilization) - used_by_others - profiled_peak_bytes
+        budget = (
+            int(total * cache_config.gpu_memory_utilization) - used_by_others - profiled_peak_bytes
+        )
     else:
         budget = DEFAULT_CPU_KV_CACHE_MEMORY
     num_blocks = max(budget // per_block, 0)
@@ -117,5 +119,7 @@ def allocate_kv_cache(
     alloc = torch.zeros if device.type == "cuda" else torch.empty
     caches = []
     for _ in range(hf_config.num_hidden_layers):
-        caches.append((alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device)))
+        caches.append(
+            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
+        )
     return caches

@@ -67,7 +67,11 @@ class ModelRunner:
         if config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
         self.native_lib = None
-        if self.device.type == "cpu" and self.dtype == torch.float32 and config.device.native_kernels:
+        if (
+            self.device.type == "cpu"
+            and self.dtype == torch.float32
+            and config.device.native_kernels
+        ):
             self.native_lib = native.load()
         backend = config.device.attention_backend
         if backend == "auto" and self.native_lib is None:
@@ -121,7 +125,9 @@ class ModelRunner:
         n = min(sc.max_num_batched_tokens, self.config.model.max_model_len)
         nblk = -(-n // self.block_size)
         scratch = KVCachePlan(0, 0, self.block_size, nblk, 0, n)
-        self._bind_kv_cache(allocate_kv_cache(scratch, self.config.model.hf_config, self.dtype, self.device))
+        self._bind_kv_cache(
+            allocate_kv_cache(scratch, self.config.model.hf_config, self.dtype, self.device)
+        )
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         meta = self._build_metadata(
@@ -224,7 +230,9 @@ class ModelRunner:
         states = [self.requests[r] for r in req_ids]
         B = len(states)
         bs = self.block_size
-        q_lens = np.fromiter((sched.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=B)
+        q_lens = np.fromiter(
+            (sched.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=B
+        )
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         T = int(qsl[-1])
@@ -238,7 +246,9 @@ class ModelRunner:
             block_tables[i, : len(s.block_ids)] = s.block_ids
         row_of_token = np.repeat(np.arange(B), q_lens)
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
-        slot_mapping = block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        slot_mapping = (
+            block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        )
         meta = self._build_metadata(qsl, seq_lens, block_tables, slot_mapping)
 
         # Rows whose logits we need: the sampling rows, then prompt-logprob rows.
@@ -293,7 +303,9 @@ class ModelRunner:
                 s = states[i]
                 targets = s.token_ids[first_pos + 1 : first_pos + 1 + n]
                 prompt_logprobs[s.req_id] = self._logprobs_of(
-                    logits[first_row : first_row + n], targets, s.sampling_params.prompt_logprobs or 0
+                    logits[first_row : first_row + n],
+                    targets,
+                    s.sampling_params.prompt_logprobs or 0,
                 )
         for s, n in zip(states, q_lens):
             s.num_computed_tokens += int(n)
@@ -317,7 +329,9 @@ class ModelRunner:
         else:
             top_ids = top_lps = [[] for _ in targets]
         return [
-            TokenLogprobs([t, *top_ids[j]], [chosen_l[j], *top_lps[j]], [ranks[j], *range(1, k + 1)])
+            TokenLogprobs(
+                [t, *top_ids[j]], [chosen_l[j], *top_lps[j]], [ranks[j], *range(1, k + 1)]
+            )
             for j, t in enumerate(targets)
         ]
 
@@ -334,9 +348,13 @@ class ModelRunner:
                     [p.top_k if p.top_k != -1 else vocab for p in params], device=dev
                 )
             if any(p.top_p < 1.0 for p in params):
-                meta.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+                meta.top_p = torch.tensor(
+                    [p.top_p for p in params], dtype=torch.float32, device=dev
+                )
             if any(p.min_p > 0 for p in params):
-                meta.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+                meta.min_p = torch.tensor(
+                    [p.min_p for p in params], dtype=torch.float32, device=dev
+                )
             for row, (s, p) in enumerate(zip(states, params)):
                 if p.seed is not None and p.temperature > 0:
                     meta.generators[row] = seeded_generator(p.seed, s.num_output_tokens, dev)
@@ -345,9 +363,15 @@ class ModelRunner:
             for p in params
         ):
             f32 = torch.float32
-            meta.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=f32, device=dev)
-            meta.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=f32, device=dev)
-            meta.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=f32, device=dev)
+            meta.presence_penalty = torch.tensor(
+                [p.presence_penalty for p in params], dtype=f32, device=dev
+            )
+            meta.frequency_penalty = torch.tensor(
+                [p.frequency_penalty for p in params], dtype=f32, device=dev
+            )
+            meta.repetition_penalty = torch.tensor(
+                [p.repetition_penalty for p in params], dtype=f32, device=dev
+            )
             meta.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
             meta.output_token_ids = [s.token_ids[s.num_prompt_tokens :] for s in states]
         if any(p.logit_bias for p in params):

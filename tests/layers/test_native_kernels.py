@@ -1,0 +1,139 @@
+"""pagellm's compiled CPU kernels against their torch twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pagellm.layers import native, ops
+from pagellm.layers.attention import AttentionMetadata, get_attention_backend
+from pagellm.layers.rotary import RotaryEmbedding
+
+lib = native.load()
+
+
+def test_kernels_build_on_this_machine() -> None:
+    # CI and development machines have AVX2 and a C compiler: the fast path must exist.
+    assert lib is not None
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 40), (1539, 576), (7, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(M: int, N: int, K: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    torch.testing.assert_close(
+        ops.linear(x, w, b, lib), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4
+    )
+    # A strided view (q of a fused qkv row) works too.
+    wide = torch.randn(M, K + 64, generator=g)
+    view = wide[:, 32 : 32 + K]
+    torch.testing.assert_close(
+        ops.linear(view, w, b, lib), torch.nn.functional.linear(view, w, b), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_rms_norm_with_and_without_residual() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(17, 576, generator=g)
+    w = torch.randn(576, generator=g)
+    res = torch.randn(17, 576, generator=g)
+    out, r = ops.rms_norm(x, w, 1e-5, None, lib)
+    ref, _ = ops.rms_norm(x, w, 1e-5, None, None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert r is x
+    res_native = res.clone()
+    out, r = ops.rms_norm(x, w, 1e-5, res_native, lib)
+    ref, ref_r = ops.rms_norm(x, w, 1e-5, res.clone(), None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, ref_r)
+
+
+def test_silu_and_mul() -> None:
+    x = torch.randn(9, 2 * 1536) * 4
+    torch.testing.assert_close(
+        ops.silu_and_mul(x, lib), ops.silu_and_mul(x, None), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_rope_in_place_on_strided_views() -> None:
+    from pagellm.layers import ops as ops_mod
+
+    positions = torch.tensor([0, 5, 17, 1000, 3], dtype=torch.long)
+    with ops_mod.use_native_kernels(lib):
+        native_rope = RotaryEmbedding(64, 64, 2048, 10000.0)
+    torch_rope = RotaryEmbedding(64, 64, 2048, 10000.0)
+    qkv = torch.randn(5, (9 + 3 + 3) * 64)
+    q_ref, k_ref = torch_rope(positions, qkv[:, : 9 * 64].clone(), qkv[:, 9 * 64 : 12 * 64].clone())
+    q, k = native_rope(positions, qkv[:, : 9 * 64], qkv[:, 9 * 64 : 12 * 64])
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+
+
+def _mixed_batch(block_size: int) -> tuple[list[int], list[int], list[list[int]], int]:
+    """q_lens, seq_lens and shuffled block tables of a prefill/decode/chunk mix."""
+    q_lens = [7, 1, 1, 20, 1]
+    seq_lens = [7, 40, 1, 33, 129]  # chunk of 20 after 13 cached; decode at 129
+    rng = np.random.default_rng(0)
+    need = [-(-s // block_size) for s in seq_lens]
+    perm = rng.permutation(sum(need) + 5).tolist()
+    tables, i = [], 0
+    for n in need:
+        tables.append(perm[i : i + n])
+        i += n
+    return q_lens, seq_lens, tables, sum(need) + 5
+
+
+@pytest.mark.parametrize(("Hq", "Hkv", "D"), [(9, 3, 64), (4, 4, 32), (8, 1, 64), (10, 2, 128)])
+def test_paged_attention_matches_torch_backend(Hq: int, Hkv: int, D: int) -> None:
+    bs = 16
+    q_lens, seq_lens, tables, num_blocks = _mixed_batch(bs)
+    T = sum(q_lens)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    max_blocks = max(len(t) for t in tables)
+    bt = np.zeros((len(q_lens), max_blocks), dtype=np.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = t
+    positions = np.concatenate([np.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
+    rows = np.repeat(np.arange(len(q_lens)), q_lens)
+    slots = bt[rows, positions // bs].astype(np.int64) * bs + positions % bs
+    g = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    outs = {}
+    for name in ("cpu_native", "torch"):
+        backend = get_attention_backend(name, torch.device("cpu"), torch.float32, D)
+        meta = AttentionMetadata(
+            T, len(q_lens), bs, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
+            torch.from_numpy(bt), torch.from_numpy(slots), max(q_lens), max(seq_lens), qsl,
+            np.array(seq_lens), backend,
+        )  # fmt: skip
+        meta.backend_data = backend.prepare(meta)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        outs[name] = backend.forward(meta, q, k, v, kc, vc, Hq, Hkv, D, D**-0.5)
+        # The step's K/V landed in the cache at the slots.
+        torch.testing.assert_close(kc.view(-1, Hkv, D)[slots], k.reshape(T, Hkv, D))
+        torch.testing.assert_close(vc.view(-1, Hkv, D)[slots], v.reshape(T, Hkv, D))
+    torch.testing.assert_close(outs["cpu_native"], outs["torch"], atol=2e-5, rtol=2e-5)
+    # And both equal plain attention over the gathered context.
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kc.view(-1, Hkv, D)[slots] = k.reshape(T, Hkv, D)
+    vc.view(-1, Hkv, D)[slots] = v.reshape(T, Hkv, D)
+    G = Hq // Hkv
+    for s, (ql, sl) in enumerate(zip(q_lens, seq_lens)):
+        ctx_k = torch.cat([kc[b] for b in tables[s]])[:sl].repeat_interleave(G, dim=1)
+        ctx_v = torch.cat([vc[b] for b in tables[s]])[:sl].repeat_interleave(G, dim=1)
+        qs = q[qsl[s] : qsl[s + 1]].reshape(ql, Hq, D)
+        scores = torch.einsum("qhd,khd->hqk", qs, ctx_k) * D**-0.5
+        allowed = torch.arange(sl)[None, :] <= torch.arange(sl - ql, sl)[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), ctx_v).reshape(ql, Hq * D)
+        torch.testing.assert_close(
+            outs["cpu_native"][qsl[s] : qsl[s + 1]], ref, atol=2e-5, rtol=2e-5
+        )
