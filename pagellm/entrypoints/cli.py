@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_generate)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from pagellm.benchmarks import throughput
+    from pagellm.benchmarks import latency, roofline, throughput
 
-    for module in (throughput,):
+    for module in (throughput, latency, roofline):
         module.add_parser(bench)
     return parser
 

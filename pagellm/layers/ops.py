@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 _NATIVE: ContextVar[ctypes.CDLL | None] = ContextVar("pagellm_native_lib", default=None)
 
-# Above this many rows the matrix product is compute-bound and MKL's GEMM wins; below
-# it the weights stream from memory and the native kernel reads each byte once.
-NATIVE_LINEAR_MAX_ROWS = 8
+# Up to this many rows pagellm's kernel beats MKL's GEMM on a 2-core AVX2 machine: the
+# weights stream from memory once and a 3x4 register tile keeps the FMAs busy (MKL
+# loses time packing these skinny shapes). Measured in docs/benchmarks.md.
+NATIVE_LINEAR_MAX_ROWS = 256
 
 
 @contextmanager

@@ -9,7 +9,9 @@ first-half/second-half pairs, so those rows are permuted back on load:
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from collections.abc import Iterator
 from functools import cached_property
@@ -70,6 +72,17 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)
+
+
+def open_gguf(path: str) -> GGUFFile:
+    """A GGUFFile, parsed once per process (parsing the metadata of a 49k-token
+    vocabulary takes gguf-py seconds; config and weights both need it)."""
+    return _open_cached(path, os.stat(path).st_mtime_ns)
+
+
 class GGUFFile:
     def __init__(self, path: str) -> None:
         import gguf
@@ -110,8 +123,9 @@ class GGUFFile:
         a = self.arch
         n_heads = int(self.value(f"{a}.attention.head_count"))
         hidden = int(self.value(f"{a}.embedding_length"))
-        tokens = self.value("tokenizer.ggml.tokens")
-        vocab = int(self.value(f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+        # Count the vocabulary without decoding 50k strings (field.data indexes its items).
+        vocab = int(self.value(f"{a}.vocab_size", len(tokens.data) if tokens is not None else 0))
         kw: dict[str, Any] = dict(
             architectures=[hf_arch],
             vocab_size=vocab,

@@ -31,7 +31,7 @@ from pagellm.config import (
     DEFAULT_MODEL_INSTALL,
 )
 from pagellm.layers.ops import use_native_kernels
-from pagellm.models.gguf import GGUFFile
+from pagellm.models.gguf import open_gguf
 from pagellm.models.registry import check_architecture, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def resolve_model_path(model: str | None, revision: str | None = None) -> str:
 def load_hf_config(model_path: str) -> tuple[Any, str]:
     """(transformers config, architecture name) of a resolved model path."""
     if model_path.endswith(".gguf"):
-        gguf_file = GGUFFile(model_path)
+        gguf_file = open_gguf(model_path)
         cfg = gguf_file.hf_config()
         arch = gguf_file.architecture
     else:
@@ -152,7 +152,7 @@ def eos_token_ids(model_path: str, hf_config: Any) -> tuple[int, ...]:
 def iter_weights(model_path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face tensor name, tensor) pairs from a GGUF file or checkpoint directory."""
     if model_path.endswith(".gguf"):
-        yield from GGUFFile(model_path).tensors(hf_config)
+        yield from open_gguf(model_path).tensors(hf_config)
         return
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if files:

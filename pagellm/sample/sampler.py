@@ -114,6 +114,8 @@ class Sampler:
         self.generator = global_generator
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """Sample one token per row. Takes ownership of ``logits``: its rows may be
+        modified in place (no copy of a [batch, vocab] tensor per step)."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
@@ -130,11 +132,15 @@ class Sampler:
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
 
-        greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
-            sampled = greedy
+            sampled = logits.argmax(dim=-1)
         else:
-            sampled = torch.where(meta.temperature == 0, greedy, self._sample(logits, meta))
+            greedy_rows = meta.temperature == 0
+            # _sample only divides rows by their temperature in place (1 for greedy
+            # rows), so the argmax of greedy rows can be taken afterwards.
+            sampled = self._sample(logits, meta)
+            if bool(greedy_rows.any()):
+                sampled = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
         out = SamplerOutput(sampled=sampled)
         if raw_logprobs is not None:
@@ -152,10 +158,11 @@ class Sampler:
         return out
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Draw one token per row; divides ``logits`` by the temperatures in place."""
         temp = torch.where(
             meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature
         )
-        logits = logits / temp[:, None]
+        logits.div_(temp[:, None])
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         probs = logits.softmax(dim=-1)

@@ -13,6 +13,7 @@ chunk reaches its end) and at prompt rows of requests that asked for prompt logp
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 
@@ -43,6 +44,23 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def tune_cpu_allocator() -> None:
+    """Keep large CPU tensors on the heap instead of fresh mmap()s.
+
+    glibc serves big allocations (a [64, 49152] logits tensor is 12 MB) with mmap and
+    returns them on free, so every step page-faults its activations in again: the
+    sampler's softmax ran 4x slower inside the engine than alone. Raising the mmap and
+    trim thresholds makes freed blocks reusable. Linux/glibc only; harmless elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 256 << 20)
+    libc.mallopt(m_trim_threshold, 512 << 20)
+
+
 @dataclass
 class CachedRequestState:
     req_id: str
@@ -66,6 +84,8 @@ class ModelRunner:
         self.dtype = _DTYPES[config.model.dtype]
         if config.device.num_threads:
             torch.set_num_threads(config.device.num_threads)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.native_lib = None
         if (
             self.device.type == "cpu"

@@ -18,7 +18,7 @@ def test_kernels_build_on_this_machine() -> None:
     assert lib is not None
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 31, 64])
 @pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 40), (1539, 576), (7, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(M: int, N: int, K: int, bias: bool) -> None:

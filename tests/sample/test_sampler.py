@@ -27,7 +27,8 @@ def meta(n: int, temperature: float = 1.0, **kw: object) -> SamplingMetadata:
 
 def draw(logits: torch.Tensor, m: SamplingMetadata, times: int, seed: int = 1) -> torch.Tensor:
     sampler = Sampler(torch.Generator().manual_seed(seed))
-    return torch.stack([sampler(logits, m).sampled for _ in range(times)])
+    # The sampler consumes its logits: hand it a copy each time.
+    return torch.stack([sampler(logits.clone(), m).sampled for _ in range(times)])
 
 
 def test_greedy_is_argmax() -> None:
@@ -88,7 +89,7 @@ def test_temperature_sharpens() -> None:
 def test_seeded_rows_ignore_the_rest_of_the_batch() -> None:
     x = logits_rows(4, seed=3)
     a = Sampler(torch.Generator().manual_seed(1))(
-        x, meta(4, generators={1: seeded_generator(42, 5, torch.device("cpu"))})
+        x.clone(), meta(4, generators={1: seeded_generator(42, 5, torch.device("cpu"))})
     )
     # Same seeded row in a different batch, different position and global seed.
     y = torch.cat([logits_rows(2, seed=9), x[1:2]])
@@ -142,7 +143,9 @@ def test_logit_bias_and_min_tokens_masks() -> None:
 
 def test_logprobs_are_raw_log_softmax_with_ranks() -> None:
     x = logits_rows(3, seed=5)
-    out = Sampler(torch.Generator().manual_seed(0))(x, meta(3, max_num_logprobs=4, temperature=0.7))
+    out = Sampler(torch.Generator().manual_seed(0))(
+        x.clone(), meta(3, max_num_logprobs=4, temperature=0.7)
+    )
     ref = x.log_softmax(-1)
     assert out.logprobs is not None and out.logprob_token_ids is not None
     assert out.sampled_ranks is not None

@@ -1,0 +1,192 @@
+"""``pagellm bench latency``: prefill time and per-step decode time at fixed batch sizes,
+as a share of the roofline (see roofline.py), for pagellm or transformers ``generate``.
+
+For each batch size B, B random prompts of ``--input-len`` tokens each generate
+``--output-len`` tokens (ignore_eos). Prefill time is until every request has its first
+token; a decode step is (end - prefill) / (output_len - 1). Medians of ``--num-iters``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pagellm.benchmarks.datasets import sample_random_token_requests
+from pagellm.benchmarks.report import machine_info, print_grid
+from pagellm.benchmarks.roofline import MachinePeaks, ModelCosts, measure_machine, model_costs
+
+
+@dataclass
+class LatencyRow:
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_ms: float
+    decode_step_ms: float
+    decode_tok_s: float
+    decode_roofline_share: float
+    prefill_roofline_share: float
+
+
+def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
+    from pagellm.engine.arg_utils import EngineArgs
+    from pagellm.engine.llm_engine import LLMEngine
+    from pagellm.sampling_params import SamplingParams
+
+    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+
+    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"lat-{time.monotonic_ns()}-{i}", p, params)
+        started = time.perf_counter()
+        first_token_at = None
+        have_first: set[str] = set()
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.outputs[0].token_ids:
+                    have_first.add(out.request_id)
+            if first_token_at is None and len(have_first) == len(prompts):
+                first_token_at = time.perf_counter()
+        end = time.perf_counter()
+        assert first_token_at is not None
+        return first_token_at - started, (end - first_token_at) / max(output_len - 1, 1)
+
+    return engine, run
+
+
+def _hf_runner(args: argparse.Namespace, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    from pagellm.benchmarks.throughput import load_hf_model
+    from pagellm.engine.arg_utils import EngineArgs
+    from pagellm.models.loader import resolve_model_path
+
+    engine_args = EngineArgs.from_cli_args(args)
+    model = load_hf_model(resolve_model_path(engine_args.model), getattr(torch, dtype))
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                           top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
+        return time.perf_counter() - start
+
+    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+        ids = torch.tensor(prompts)
+        prefill = gen(ids, 1)
+        total = gen(ids, output_len)
+        return prefill, (total - prefill) / max(output_len - 1, 1)
+
+    return model, run
+
+
+def run(args: argparse.Namespace) -> int:
+    from pagellm.engine.arg_utils import EngineArgs
+    from pagellm.engine.tokenizer import load_tokenizer
+
+    engine_args = EngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config()
+    tokenizer = load_tokenizer(config.model.tokenizer)
+    _, runner = (
+        _hf_runner(args, config.model.dtype) if args.backend == "hf" else _pagellm_runner(args)
+    )
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
+    costs: ModelCosts = model_costs(config.model.hf_config, dtype_bytes)
+    peaks: MachinePeaks = measure_machine(
+        config.device.device, config.model.dtype, config.device.num_threads
+    )
+    rows: list[LatencyRow] = []
+    for batch in args.batch_sizes:
+        prefills, steps = [], []
+        runner(
+            [
+                r.prompt_token_ids
+                for r in sample_random_token_requests(
+                    tokenizer, batch, (args.input_len,) * 2, (2, 2), 999
+                )
+            ],
+            4,
+        )  # warm-up
+        for it in range(args.num_iters):
+            reqs = sample_random_token_requests(
+                tokenizer, batch, (args.input_len,) * 2, (1, 1), args.seed + it
+            )
+            prefill, step = runner([r.prompt_token_ids for r in reqs], args.output_len)
+            prefills.append(prefill)
+            steps.append(step)
+        prefill, step = statistics.median(prefills), statistics.median(steps)
+        ctx = args.input_len + args.output_len // 2
+        best_step = costs.best_step_time(peaks, batch, ctx)
+        best_prefill = costs.prefill_flops(batch, args.input_len) / (peaks.matmul_gflops * 1e9)
+        rows.append(
+            LatencyRow(
+                batch,
+                args.input_len,
+                args.output_len,
+                prefill * 1e3,
+                step * 1e3,
+                batch / step,
+                best_step / step,
+                best_prefill / prefill,
+            )
+        )
+    print(
+        f"\nMachine: {peaks.read_bandwidth_gbs:.1f} GB/s read, {peaks.matmul_gflops:.0f} GFLOP/s "
+        f"{peaks.dtype} matmul, {peaks.threads} threads; weights {costs.weight_bytes / 1e6:.0f} MB/step"
+    )
+    print_grid(
+        f"Latency ({args.backend}, input {args.input_len}, output {args.output_len}, median of {args.num_iters})",
+        [
+            "batch",
+            "prefill ms",
+            "decode step ms",
+            "decode tok/s",
+            "decode % roofline",
+            "prefill % roofline",
+        ],
+        [
+            [
+                r.batch_size,
+                f"{r.prefill_ms:.1f}",
+                f"{r.decode_step_ms:.2f}",
+                f"{r.decode_tok_s:.1f}",
+                f"{100 * r.decode_roofline_share:.0f}%",
+                f"{100 * r.prefill_roofline_share:.0f}%",
+            ]
+            for r in rows
+        ],
+    )
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(
+                {"backend": args.backend, "rows": [asdict(r) for r in rows], "peaks": asdict(peaks),
+                 "costs": asdict(costs), "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M")},
+                f, indent=2,
+            )  # fmt: skip
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from pagellm.engine.arg_utils import EngineArgs
+
+    p = sub.add_parser(
+        "latency", help="prefill and decode-step latency per batch size, vs the roofline"
+    )
+    p.add_argument("--backend", choices=("pagellm", "hf"), default="pagellm")
+    p.add_argument(
+        "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16]
+    )
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-iters", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+    EngineArgs.add_cli_args(p, skip=("seed",))
+    p.set_defaults(handler=run)
