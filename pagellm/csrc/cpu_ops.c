@@ -66,100 +66,82 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_andnot_ps(under, out);
 }
 
-static inline float dot_f32(const float* a, const float* b, int64_t n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), acc1);
+/* Every linear path below computes output (m, n) in the same order, so a row's result
+ * never depends on how many other rows share the batch (batch invariance: a request's
+ * greedy output is the same alone or under load, chunked or not):
+ *   lane l of an 8-wide accumulator sums x[m, k] * W[n, k] for k = l, l + 8, ... with FMA;
+ *   the lanes are added as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))  (hsum4);
+ *   then the K % 8 tail in increasing k; then the bias. */
+
+static inline void store_out(float* y, __m128 v, const float* x, const float* const* w,
+                             int64_t K8, int64_t K, const float* bias, int64_t n0, int nvalid) {
+    float r[4];
+    _mm_storeu_ps(r, v);
+    for (int i = 0; i < nvalid; i++) {
+        for (int64_t k = K8; k < K; k++) r[i] += x[k] * w[i][k];
+        y[n0 + i] = r[i] + (bias ? bias[n0 + i] : 0.0f);
     }
-    for (; k + 8 <= n; k += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc0);
-    float s = hsum256(_mm256_add_ps(acc0, acc1));
-    for (; k < n; k++) s += a[k] * b[k];
-    return s;
 }
 
-/* y[m, n0..n0+3] for 4 weight rows and up to 2 input rows at once: the weight rows are
- * streamed from memory once per row block and reused from L1 for every input row. */
+/* Rows n0..n0+3 of W (clamped at N - 1) against one or two input rows: the decode path,
+ * memory-bound, so every weight byte is loaded once and used for both rows. */
 static void linear_rows4(const float* x, int64_t ldx, const float* W, const float* bias,
-                         float* y, int64_t M, int64_t N, int64_t K, int64_t n0) {
-    const float* w0 = W + n0 * K;
-    const float* w1 = w0 + K;
-    const float* w2 = w1 + K;
-    const float* w3 = w2 + K;
+                         float* y, int64_t M, int64_t N, int64_t K, int64_t n0, int nvalid) {
+    const float* w[4];
+    for (int i = 0; i < 4; i++) w[i] = W + (n0 + (i < nvalid ? i : nvalid - 1)) * K;
     int64_t K8 = K & ~(int64_t)7;
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
         const float* xa = x + m * ldx;
         const float* xb = xa + ldx;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-               a3 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(),
-               b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (int64_t k = 0; k < K8; k += 8) {
             __m256 va = _mm256_loadu_ps(xa + k), vb = _mm256_loadu_ps(xb + k);
-            __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-            a0 = _mm256_fmadd_ps(v0, va, a0);
-            b0 = _mm256_fmadd_ps(v0, vb, b0);
-            a1 = _mm256_fmadd_ps(v1, va, a1);
-            b1 = _mm256_fmadd_ps(v1, vb, b1);
-            __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
-            a2 = _mm256_fmadd_ps(v2, va, a2);
-            b2 = _mm256_fmadd_ps(v2, vb, b2);
-            a3 = _mm256_fmadd_ps(v3, va, a3);
-            b3 = _mm256_fmadd_ps(v3, vb, b3);
+            __m256 v0 = _mm256_loadu_ps(w[0] + k), v1 = _mm256_loadu_ps(w[1] + k);
+            a0 = _mm256_fmadd_ps(va, v0, a0);
+            b0 = _mm256_fmadd_ps(vb, v0, b0);
+            a1 = _mm256_fmadd_ps(va, v1, a1);
+            b1 = _mm256_fmadd_ps(vb, v1, b1);
+            __m256 v2 = _mm256_loadu_ps(w[2] + k), v3 = _mm256_loadu_ps(w[3] + k);
+            a2 = _mm256_fmadd_ps(va, v2, a2);
+            b2 = _mm256_fmadd_ps(vb, v2, b2);
+            a3 = _mm256_fmadd_ps(va, v3, a3);
+            b3 = _mm256_fmadd_ps(vb, v3, b3);
         }
-        float ra[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
-        float rb[4] = {hsum256(b0), hsum256(b1), hsum256(b2), hsum256(b3)};
-        const float* ws[4] = {w0, w1, w2, w3};
-        for (int i = 0; i < 4; i++) {
-            for (int64_t k = K8; k < K; k++) {
-                ra[i] += ws[i][k] * xa[k];
-                rb[i] += ws[i][k] * xb[k];
-            }
-            float b = bias ? bias[n0 + i] : 0.0f;
-            y[m * N + n0 + i] = ra[i] + b;
-            y[(m + 1) * N + n0 + i] = rb[i] + b;
-        }
+        store_out(y + m * N, hsum4(a0, a1, a2, a3), xa, w, K8, K, bias, n0, nvalid);
+        store_out(y + (m + 1) * N, hsum4(b0, b1, b2, b3), xb, w, K8, K, bias, n0, nvalid);
     }
     for (; m < M; m++) {
         const float* xa = x + m * ldx;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-               a3 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t k = 0; k < K8; k += 8) {
             __m256 va = _mm256_loadu_ps(xa + k);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), va, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), va, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), va, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), va, a3);
+            a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w[0] + k), a0);
+            a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w[1] + k), a1);
+            a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w[2] + k), a2);
+            a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(w[3] + k), a3);
         }
-        float ra[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
-        const float* ws[4] = {w0, w1, w2, w3};
-        for (int i = 0; i < 4; i++) {
-            for (int64_t k = K8; k < K; k++) ra[i] += ws[i][k] * xa[k];
-            y[m * N + n0 + i] = ra[i] + (bias ? bias[n0 + i] : 0.0f);
-        }
+        store_out(y + m * N, hsum4(a0, a1, a2, a3), xa, w, K8, K, bias, n0, nvalid);
     }
 }
 
-/* y[m0..m0+mr, n0..n0+3] for up to 3 input rows against 4 weight rows (K % 8 == 0):
- * 12 accumulators, and every loaded weight vector feeds three FMAs. Compute-bound from
- * M = 3 upwards; beats MKL's GEMM on these skinny shapes up to a few hundred rows. */
-static inline void linear_tile3x4(const float* x, int64_t ldx, const float* w, const float* bias,
-                                  float* y, int64_t N, int64_t K, int64_t n0, int mr) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-    __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+/* Up to three input rows against rows n0..n0+3 of W: 12 accumulators, every loaded weight
+ * vector feeds three FMAs. Compute-bound; on a 2-core AVX2 machine it matches or beats
+ * MKL's GEMM on these skinny shapes (MKL loses time packing them). */
+static void linear_tile3x4(const float* x, int64_t ldx, const float* W, const float* bias,
+                           float* y, int64_t N, int64_t K, int64_t n0, int nvalid, int mr) {
+    const float* w[4];
+    for (int i = 0; i < 4; i++) w[i] = W + (n0 + (i < nvalid ? i : nvalid - 1)) * K;
     const float* x0 = x;
     const float* x1 = mr > 1 ? x + ldx : x;
     const float* x2 = mr > 2 ? x + 2 * ldx : x;
-    const float* w0 = w + n0 * K;
-    const float* w1 = w0 + K;
-    const float* w2 = w1 + K;
-    const float* w3 = w2 + K;
-    for (int64_t k = 0; k < K; k += 8) {
-        __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        __m256 v2 = _mm256_loadu_ps(w2 + k), v3 = _mm256_loadu_ps(w3 + k);
+    int64_t K8 = K & ~(int64_t)7;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 v0 = _mm256_loadu_ps(w[0] + k), v1 = _mm256_loadu_ps(w[1] + k);
+        __m256 v2 = _mm256_loadu_ps(w[2] + k), v3 = _mm256_loadu_ps(w[3] + k);
         __m256 xa = _mm256_loadu_ps(x0 + k);
         a00 = _mm256_fmadd_ps(xa, v0, a00);
         a01 = _mm256_fmadd_ps(xa, v1, a01);
@@ -176,30 +158,28 @@ static inline void linear_tile3x4(const float* x, int64_t ldx, const float* w, c
         a22 = _mm256_fmadd_ps(xa, v2, a22);
         a23 = _mm256_fmadd_ps(xa, v3, a23);
     }
-    __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
-    _mm_storeu_ps(y + n0, _mm_add_ps(hsum4(a00, a01, a02, a03), b));
-    if (mr > 1) _mm_storeu_ps(y + N + n0, _mm_add_ps(hsum4(a10, a11, a12, a13), b));
-    if (mr > 2) _mm_storeu_ps(y + 2 * N + n0, _mm_add_ps(hsum4(a20, a21, a22, a23), b));
+    store_out(y, hsum4(a00, a01, a02, a03), x0, w, K8, K, bias, n0, nvalid);
+    if (mr > 1) store_out(y + N, hsum4(a10, a11, a12, a13), x1, w, K8, K, bias, n0, nvalid);
+    if (mr > 2) store_out(y + 2 * N, hsum4(a20, a21, a22, a23), x2, w, K8, K, bias, n0, nvalid);
 }
 
-/* y = x W^T + bias. Each thread streams its own contiguous share of W's rows once; for
- * one or two input rows (decode) that is memory-bound, from three rows on the 3x4
- * register tile keeps the FMA units busy. */
+/* y[M, N] = x W^T + bias. Each thread streams its own contiguous share of W's rows once
+ * and applies it to every input row. */
 void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float* bias, float* y,
                         int64_t M, int64_t N, int64_t K, int nthreads) {
-    int64_t nblocks = N / 4;
-    if (M >= 3 && K % 8 == 0) {
+    int64_t nblocks = (N + 3) / 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t b = 0; b < nblocks; b++)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int64_t n0 = b * 4;
+        int nvalid = N - n0 < 4 ? (int)(N - n0) : 4;
+        if (M <= 2) {
+            linear_rows4(x, ldx, W, bias, y, M, N, K, n0, nvalid);
+        } else {
             for (int64_t m = 0; m < M; m += 3)
-                linear_tile3x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, b * 4, M - m < 3 ? (int)(M - m) : 3);
-    } else {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t b = 0; b < nblocks; b++) linear_rows4(x, ldx, W, bias, y, M, N, K, b * 4);
+                linear_tile3x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid,
+                               M - m < 3 ? (int)(M - m) : 3);
+        }
     }
-    for (int64_t n = nblocks * 4; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = dot_f32(x + m * ldx, W + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 
 /* out = rmsnorm(x (+ residual)) * weight; with a residual, residual <- x + residual first. */

@@ -22,6 +22,7 @@ from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor, ParentRequest
 from pagellm.engine.tokenizer import load_tokenizer
+from pagellm.metrics.stats import SchedulerStats
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker.kv_cache import KVCachePlan
@@ -61,6 +62,18 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        s = self.scheduler
+        prefix = s.kv.prefix_stats
+        return SchedulerStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            num_preemptions=s.num_preemptions,
+        )
 
     def step(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any
 
 from pagellm.core.request import Request
 from pagellm.core.sched_output import EngineCoreOutput, TokenLogprobs
+from pagellm.metrics.stats import FinishedRequestStats, IterationStats
 from pagellm.outputs import (
     CompletionOutput,
     Logprob,
@@ -147,7 +148,9 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self.states)
 
-    def abort_requests(self, req_ids: list[str]) -> list[RequestOutput]:
+    def abort_requests(
+        self, req_ids: list[str], stats: IterationStats | None = None
+    ) -> list[RequestOutput]:
         """Mark requests aborted and return their final outputs."""
         outs = []
         now = time.time()
@@ -157,6 +160,8 @@ class OutputProcessor:
                 continue
             state.finish_reason = "abort"
             state.metrics.finished_time = now
+            if stats is not None:
+                stats.finished.append(_finished_stats(state, now))
             out = self._make_output(state)
             self.states.pop(req_id, None)
             if out is not None:
@@ -178,9 +183,15 @@ class OutputProcessor:
         return out
 
     def process_outputs(
-        self, core_outputs: list[EngineCoreOutput], now: float | None = None
+        self,
+        core_outputs: list[EngineCoreOutput],
+        now: float | None = None,
+        stats: IterationStats | None = None,
     ) -> tuple[list[RequestOutput], list[str]]:
-        """(RequestOutputs to hand out, request ids the core must abort for stop strings)."""
+        """(RequestOutputs to hand out, request ids the core must abort for stop strings).
+
+        With ``stats``, also records first-token and inter-token times and finished
+        requests for the metrics."""
         now = time.time() if now is None else now
         results: list[RequestOutput] = []
         to_abort: list[str] = []
@@ -197,6 +208,13 @@ class OutputProcessor:
                     self._to_logprob_dict(lp) for lp in co.new_prompt_logprobs
                 )
             if co.new_token_ids:
+                if stats is not None:
+                    stats.num_generation_tokens += len(co.new_token_ids)
+                    if m.first_token_time is None:
+                        stats.time_to_first_tokens.append(now - m.arrival_time)
+                        stats.num_prompt_tokens += len(state.prompt_token_ids)
+                    elif m.last_token_time is not None:
+                        stats.inter_token_latencies.append(now - m.last_token_time)
                 if m.first_token_time is None:
                     m.first_token_time = now
                 m.last_token_time = now
@@ -214,6 +232,8 @@ class OutputProcessor:
                 to_abort.append(co.req_id)
             if state.finished:
                 m.finished_time = now
+                if stats is not None:
+                    stats.finished.append(_finished_stats(state, now))
             out = self._make_output(state)
             if state.finished:
                 self.states.pop(co.req_id, None)
@@ -339,6 +359,22 @@ class OutputProcessor:
             metrics=metrics,
             num_cached_tokens=state.num_cached_tokens,
         )
+
+
+def _finished_stats(state: RequestState, now: float) -> FinishedRequestStats:
+    m = state.metrics
+    scheduled = m.first_scheduled_time if m.first_scheduled_time is not None else now
+    first = m.first_token_time if m.first_token_time is not None else now
+    last = m.last_token_time if m.last_token_time is not None else first
+    return FinishedRequestStats(
+        finish_reason=state.finish_reason or "abort",
+        e2e_latency=now - m.arrival_time,
+        queue_time=scheduled - m.arrival_time,
+        prefill_time=first - scheduled,
+        decode_time=last - first,
+        num_prompt_tokens=len(state.prompt_token_ids),
+        num_generation_tokens=len(state.token_ids),
+    )
 
 
 def _min_opt(values: Any) -> float | None:

@@ -137,3 +137,16 @@ def test_paged_attention_matches_torch_backend(Hq: int, Hkv: int, D: int) -> Non
         torch.testing.assert_close(
             outs["cpu_native"][qsl[s] : qsl[s + 1]], ref, atol=2e-5, rtol=2e-5
         )
+
+
+@pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 44), (1539, 1536)])
+def test_linear_is_batch_invariant(N: int, K: int) -> None:
+    """A row's output is bit-identical whatever else is in the batch."""
+    g = torch.Generator().manual_seed(N)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    rows = torch.randn(300, K, generator=g)
+    alone = ops.linear(rows[7:8], w, b, lib)
+    for M in (2, 3, 4, 17, 300):
+        batch = ops.linear(rows[7 - min(7, M - 1) : 7 - min(7, M - 1) + M], w, b, lib)
+        assert torch.equal(batch[min(7, M - 1)], alone[0]), M

@@ -1,0 +1,360 @@
+"""``pagellm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
+/generate (legacy), /health, /version, /metrics. With --api-key (or PAGELLM_API_KEY)
+every route except /health, /version and /metrics needs ``Authorization: Bearer KEY``.
+Every error is an OpenAI error body; unexpected ones are logged with their traceback
+and answered 500 without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError as PydanticValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagellm import __version__
+from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from pagellm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagellm.entrypoints.openai.serving_base import APIError
+from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
+from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.utils import random_uuid
+
+logger = logging.getLogger(__name__)
+
+_OPEN_PATHS = ("/health", "/version", "/metrics", "/ping")
+
+
+def error_json(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_cancellable(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a non-streaming handler, cancelling it (and so aborting its engine requests)
+    if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    return Response(status_code=499)  # nobody is listening any more
+
+
+def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
+    names = [engine.config.model.served_model_name]
+    completion = OpenAIServingCompletion(engine, names)
+    chat = OpenAIServingChat(engine, names)
+    prometheus = PrometheusStatLogger(names[0])
+    engine.stat_loggers.append(prometheus)
+    if getattr(args, "log_stats", False):
+        engine.stat_loggers.append(LoggingStatLogger())
+    api_key = args.api_key or os.environ.get("PAGELLM_API_KEY") or None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="pagellm", version=__version__, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def authenticate(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if api_key and request.method != "OPTIONS" and not request.url.path.startswith(_OPEN_PATHS):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode(), api_key.encode()
+            ):
+                return error_json(
+                    APIError(
+                        401,
+                        "Incorrect or missing API key.",
+                        "authentication_error",
+                        None,
+                        "invalid_api_key",
+                    )
+                )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message = f"Invalid JSON in the request body: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            param = None
+        elif first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {'.'.join(loc)}"
+            param = loc[-1] if loc else None
+        elif first.get("type") == "missing":
+            message = f"Missing required parameter: {'.'.join(loc)}"
+            param = loc[-1] if loc else None
+        else:
+            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+            param = loc[0] if loc else None
+        return error_json(APIError.bad_request(message, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_json(APIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_json(exc)
+
+    @app.exception_handler(QueueFullError)
+    async def on_queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return error_json(
+            APIError(
+                429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+            )
+        )
+
+    @app.exception_handler(EngineDeadError)
+    async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_json(
+            APIError(
+                503, "The engine has stopped after an error.", "server_error", code="engine_dead"
+            )
+        )
+
+    @app.exception_handler(ValueError)
+    async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return error_json(APIError.bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_json(APIError(500, "Internal server error.", "server_error"))
+
+    async def respond(request: Request, work: Awaitable[Any]) -> Response:
+        result = await run_cancellable(request, work)
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, AsyncGenerator):
+            return StreamingResponse(
+                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return JSONResponse(result.model_dump(mode="json"))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await respond(request, completion.create(body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await respond(request, chat.create(body))
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        mc = engine.config.model
+        return ModelList(
+            data=[
+                ModelCard(id=n, root=mc.model_path, max_model_len=mc.max_model_len) for n in names
+            ]
+        )
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        mc = engine.config.model
+        return ModelCard(
+            id=completion.check_model(model_id), root=mc.model_path, max_model_len=mc.max_model_len
+        )
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        completion.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError.bad_request("give exactly one of prompt or messages", "prompt")
+        if body.messages is not None:
+            msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+            text = engine.input_processor.apply_chat_template(msgs, body.add_generation_prompt)
+            ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            assert body.prompt is not None
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(
+            tokens=list(ids), count=len(ids), max_model_len=engine.config.model.max_model_len
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        completion.check_model(body.model)
+        ids = engine.input_processor.check_token_ids(body.tokens)
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(ids))
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        """The legacy vLLM endpoint: {"prompt", ...SamplingParams fields} -> {"text": [...]}.
+
+        The body is JSON whatever the Content-Type says (``curl -d`` sends a form type)."""
+        try:
+            body = GenerateRequest.model_validate_json(await request.body())
+        except PydanticValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        fields = dict(body.model_extra or {})
+        completion.check_model(body.model)
+        completion.check_capacity()
+        tokenized = completion.tokenize_prompt(body.prompt, True)
+        fields.setdefault("max_tokens", completion.resolve_max_tokens(len(tokenized[1]), None))
+        kind = RequestOutputKind.CUMULATIVE if body.stream else RequestOutputKind.FINAL_ONLY
+        params = SamplingParams(**fields, output_kind=kind)
+        prefix = tokenized[0] or ""
+        gen = engine.generate(
+            {"prompt": tokenized[0], "prompt_token_ids": tokenized[1]},
+            params,
+            f"gen-{random_uuid()}",
+        )
+        if body.stream:
+
+            async def stream() -> AsyncGenerator[bytes, None]:
+                async for out in gen:
+                    yield (
+                        json.dumps({"text": [prefix + c.text for c in out.outputs]}) + "\0"
+                    ).encode()
+
+            return StreamingResponse(stream(), media_type="application/octet-stream")
+
+        async def final() -> dict[str, Any]:
+            last = None
+            async for out in gen:
+                last = out
+            assert last is not None
+            return {"text": [prefix + c.text for c in last.outputs]}
+
+        result = await run_cancellable(request, final())
+        return result if isinstance(result, Response) else JSONResponse(result)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.errored:
+            return error_json(
+                APIError(503, "The engine has stopped after an error.", "server_error")
+            )
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(prometheus.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def serve(args: argparse.Namespace) -> int:
+    engine_args = EngineArgs.from_cli_args(args)
+    if args.model_positional:
+        engine_args.model = args.model_positional
+    engine = AsyncLLM.from_engine_args(engine_args, max_queued_requests=args.max_queued_requests)
+    app = build_app(engine, args)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_keep_alive=5,
+    )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # First signal: graceful (stop accepting, drain for --shutdown-timeout, then
+        # cancel the rest); a second one: exit at once.
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    logger.info(
+        "serving %s on http://%s:%d", engine.config.model.served_model_name, args.host, args.port
+    )
+    await server.serve()
+    logger.info("server stopped")
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the signal it caught after shutting down, which ends the process
+    with -SIGTERM; pagellm handles SIGINT/SIGTERM itself and exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def run(args: argparse.Namespace) -> int:
+    # SIGTERM and SIGINT are handled by uvicorn: stop accepting, let in-flight requests
+    # finish for --shutdown-timeout seconds, cancel (abort) the rest, exit 0.
+    return asyncio.run(serve(args))
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                   help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=None, help="require this bearer key (or set PAGELLM_API_KEY)"
+    )
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse new requests with 429 while this many wait")  # fmt: skip
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT")  # fmt: skip
+    p.add_argument("--uvicorn-log-level", default="warning")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(handler=run)

@@ -1,0 +1,196 @@
+"""What completions and chat share: errors, model check, length checks, logprob and
+stream helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from pagellm.engine.async_llm import AsyncLLM
+from pagellm.outputs import Logprob
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PARAM_RE = re.compile(r"^([a-z_]+) ")
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None) -> APIError:
+        if param is None:
+            m = _PARAM_RE.match(message)
+            param = m.group(1) if m else None
+        return cls(400, message, "invalid_request_error", param)
+
+
+def sse(data: BaseModel | dict[str, Any] | str, exclude: set[str] | None = None) -> str:
+    """One Server-Sent Event line: ``data: <json>``."""
+    if isinstance(data, BaseModel):
+        payload = data.model_dump_json(exclude=exclude)
+    elif isinstance(data, dict):
+        payload = json.dumps(data, ensure_ascii=False)
+    else:
+        payload = data
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_async_iterators(
+    *iterators: AsyncIterator[T],
+) -> AsyncGenerator[tuple[int, T], None]:
+    """Yield (index, item) from several async iterators as items arrive.
+
+    If the consumer stops early (client gone) every iterator is closed, which aborts
+    its request.
+    """
+    queue: asyncio.Queue[tuple[int, T] | tuple[int, BaseException] | None] = asyncio.Queue()
+    remaining = len(iterators)
+
+    async def pump(i: int, it: AsyncIterator[T]) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item))
+        except BaseException as e:  # re-raised in the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(iterators)]
+    try:
+        while remaining:
+            got = await queue.get()
+            if got is None:
+                remaining -= 1
+                continue
+            i, item = got
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item  # type: ignore[misc]
+    finally:
+        for t in tasks:
+            t.cancel()
+        for it in iterators:
+            close = getattr(it, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]) -> None:
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.max_model_len = engine.config.model.max_model_len
+        self.tokenizer = engine.tokenizer
+
+    def check_model(self, name: str | None) -> str:
+        """The name to report; 404 for a model this server does not serve."""
+        if name is None or name == "":
+            return self.served_model_names[0]
+        if name not in self.served_model_names:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist.",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+        return name
+
+    def resolve_max_tokens(
+        self, prompt_len: int, max_tokens: int | None, what: str = "prompt"
+    ) -> int:
+        """Check the prompt and output fit max_model_len; default max_tokens to what is left."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError.bad_request(
+                f"This model's maximum context length is {limit} tokens, but the {what} has "
+                f"{prompt_len} tokens; it must be shorter to leave room for output.",
+                "messages" if what == "messages" else "prompt",
+            )
+        if max_tokens is None:
+            return limit - prompt_len
+        if max_tokens < 1:
+            raise APIError.bad_request(
+                f"max_tokens must be at least 1, got {max_tokens}", "max_tokens"
+            )
+        if prompt_len + max_tokens > limit:
+            raise APIError.bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or completion.",
+                "max_tokens",
+            )
+        return max_tokens
+
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """429 at once when the waiting queue is full (before any streaming starts)."""
+        limit = self.engine.max_queued_requests
+        queued = self.engine.num_queued()
+        if limit is not None and queued + num_requests > limit:
+            raise APIError(
+                429,
+                f"The server is busy: {queued} requests are already waiting (limit {limit}). Retry later.",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        if self.engine.errored:
+            raise APIError(
+                503, "The engine has stopped after an error.", "server_error", code="engine_dead"
+            )
+
+    def tokenize_prompt(
+        self, prompt: str | list[int], add_special_tokens: bool
+    ) -> tuple[str | None, list[int]]:
+        try:
+            return self.engine.input_processor.tokenize(prompt, add_special_tokens)
+        except ValueError as e:
+            raise APIError.bad_request(str(e), "prompt") from None
+
+    @staticmethod
+    def top_entries(entry: dict[int, Logprob], n: int) -> list[tuple[int, Logprob]]:
+        """The n most likely alternatives of a position (by rank)."""
+        tops = [(t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= n]
+        tops.sort(key=lambda x: x[1].rank or 0)
+        return tops[:n]

@@ -1,0 +1,211 @@
+"""POST /v1/completions: one or several prompts, streamed or not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from pagellm.entrypoints.openai.protocol import (
+    UNSUPPORTED_COMPLETION_FIELDS,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from pagellm.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    APIError,
+    OpenAIServing,
+    merge_async_iterators,
+    sse,
+)
+from pagellm.outputs import CompletionOutput, RequestOutput
+from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.utils import random_uuid
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def _prepare(
+        self, req: CompletionRequest
+    ) -> tuple[str, list[tuple[str | None, list[int]]], list[SamplingParams]]:
+        for name in UNSUPPORTED_COMPLETION_FIELDS:
+            if getattr(req, name) is not None:
+                raise APIError.bad_request(f"{name} is not supported by this server", name)
+        model = self.check_model(req.model)
+        raw = req.prompt
+        if isinstance(raw, str):
+            prompts: list[Any] = [raw]
+        elif raw and all(isinstance(t, int) for t in raw):
+            prompts = [raw]
+        else:
+            prompts = list(raw)
+        if not prompts:
+            raise APIError.bad_request("prompt must not be empty", "prompt")
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise APIError.bad_request(
+                f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs"
+            )
+        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+        tokenized = [self.tokenize_prompt(p, req.add_special_tokens) for p in prompts]
+        params = []
+        for _, ids in tokenized:
+            max_tokens = self.resolve_max_tokens(len(ids), req.max_tokens)
+            try:
+                p = req.sampling_params(max_tokens, req.logprobs, kind)
+                if req.echo and req.logprobs is not None and p.prompt_logprobs is None:
+                    p.prompt_logprobs = req.logprobs
+            except ValueError as e:
+                raise APIError.bad_request(str(e)) from None
+            params.append(p)
+        return model, tokenized, params
+
+    async def create(
+        self, req: CompletionRequest, request_id: str | None = None
+    ) -> CompletionResponse | AsyncGenerator[str, None]:
+        model, tokenized, params = self._prepare(req)
+        self.check_capacity(len(tokenized))
+        request_id = request_id or f"cmpl-{random_uuid()}"
+        generators = []
+        for i, ((text, ids), p) in enumerate(zip(tokenized, params)):
+            prompt = {"prompt": text, "prompt_token_ids": ids}
+            generators.append(self.engine.generate(prompt, p, f"{request_id}-{i}"))
+        created = int(time.time())
+        if req.stream:
+            return self._stream(req, request_id, model, created, generators, tokenized)
+        finals: list[RequestOutput | None] = [None] * len(generators)
+        try:
+            async for i, out in merge_async_iterators(*generators):
+                finals[i] = out
+        except ValueError as e:
+            raise APIError.bad_request(str(e)) from None
+        choices: list[CompletionChoice] = []
+        prompt_tokens = completion_tokens = cached = 0
+        for i, final in enumerate(finals):
+            assert final is not None
+            out = final
+            prompt_tokens += len(out.prompt_token_ids)
+            cached += out.num_cached_tokens
+            for comp in out.outputs:
+                completion_tokens += len(comp.token_ids)
+                text = comp.text
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._logprobs(comp, req.logprobs, out if req.echo else None)
+                if req.echo:
+                    text = self._prompt_text(tokenized[i][0], out) + text
+                choices.append(
+                    CompletionChoice(
+                        index=i * req.n + comp.index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=comp.finish_reason,
+                        stop_reason=comp.stop_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=request_id,
+            created=created,
+            model=model,
+            choices=choices,
+            usage=_usage(prompt_tokens, completion_tokens, cached),
+        )
+
+    async def _stream(
+        self,
+        req: CompletionRequest,
+        request_id: str,
+        model: str,
+        created: int,
+        generators: list[Any],
+        tokenized: list[tuple[str | None, list[int]]],
+    ) -> AsyncGenerator[str, None]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+        prompt_tokens = completion_tokens = cached = 0
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+        try:
+            async for i, out in merge_async_iterators(*generators):
+                for comp in out.outputs:
+                    index = i * req.n + comp.index
+                    text = comp.text
+                    if req.echo and index not in echoed:
+                        echoed.add(index)
+                        text = self._prompt_text(tokenized[i][0], out) + text
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = self._logprobs(comp, req.logprobs, None, offsets.get(index, 0))
+                        offsets[index] = offsets.get(index, 0) + len(comp.text)
+                    completion_tokens += len(comp.token_ids)
+                    if not text and comp.finish_reason is None and not comp.token_ids:
+                        continue
+                    chunk = CompletionResponse(
+                        id=request_id,
+                        created=created,
+                        model=model,
+                        choices=[
+                            CompletionChoice(
+                                index=index,
+                                text=text,
+                                logprobs=logprobs,
+                                finish_reason=comp.finish_reason,
+                                stop_reason=comp.stop_reason,
+                            )
+                        ],
+                    )
+                    yield sse(chunk, exclude)
+                if out.finished:
+                    prompt_tokens += len(out.prompt_token_ids)
+                    cached += out.num_cached_tokens
+            if include_usage:
+                final = CompletionResponse(
+                    id=request_id, created=created, model=model, choices=[],
+                    usage=_usage(prompt_tokens, completion_tokens, cached),
+                )  # fmt: skip
+                yield sse(final)
+        except APIError as e:
+            yield sse(e.body())
+        except ValueError as e:
+            yield sse(APIError.bad_request(str(e)).body())
+        yield SSE_DONE
+
+    def _prompt_text(self, text: str | None, out: RequestOutput) -> str:
+        return text if text is not None else str(self.tokenizer.decode(out.prompt_token_ids))
+
+    def _logprobs(
+        self,
+        comp: CompletionOutput,
+        num: int,
+        echo_of: RequestOutput | None,
+        offset: int = 0,
+    ) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        entries: list[tuple[int, dict[int, Any] | None]] = []
+        if echo_of is not None and echo_of.prompt_logprobs is not None:
+            entries += list(zip(echo_of.prompt_token_ids, echo_of.prompt_logprobs))
+        entries += list(zip(comp.token_ids, comp.logprobs or []))
+        for tok, entry in entries:
+            text = self.tokenizer.decode([tok])
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(entry[tok].logprob)
+            out.top_logprobs.append(
+                {lp.decoded_token or "": lp.logprob for _, lp in self.top_entries(entry, num)}
+            )
+        return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached},
+    )

@@ -1,0 +1,50 @@
+"""What the engine reports each step, in plain data for any stat logger.
+
+The output processor fills an ``IterationStats`` while it handles a step's outputs
+(first tokens, inter-token gaps, finished requests); the engine core fills a
+``SchedulerStats``. Loggers (Prometheus, periodic log lines) only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str
+    e2e_latency: float
+    queue_time: float
+    prefill_time: float
+    decode_time: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+    @property
+    def mean_time_per_output_token(self) -> float | None:
+        if self.num_generation_tokens < 2:
+            return None
+        return self.decode_time / (self.num_generation_tokens - 1)
+
+
+@dataclass
+class IterationStats:
+    num_prompt_tokens: int = 0
+    """Prompt tokens of requests that produced their first token in this iteration."""
+    num_generation_tokens: int = 0
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    """Cumulative prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Cumulative prompt tokens found there."""
+    num_preemptions: int = 0
+    """Cumulative preemptions."""

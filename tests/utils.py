@@ -1,0 +1,91 @@
+"""A real `pagellm serve` process on 127.0.0.1 and a free port, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+from pagellm.utils import get_open_port
+
+
+class RemoteServer:
+    """Start ``pagellm serve`` with the given arguments; ``stop()`` sends SIGTERM."""
+
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, startup_timeout: float = 180
+    ) -> None:
+        self.port = get_open_port()
+        self.host = "127.0.0.1"
+        # Lives as long as the server, not a with-block.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w+", prefix="pagellm-serve-", suffix=".log", delete=False
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pagellm.entrypoints.cli",
+            "serve",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url("/health"), timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"server did not start in {startup_timeout}s:\n{self.logs()}")
+            time.sleep(0.3)
+
+    def url(self, path: str = "") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url("/v1")
+
+    def logs(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait, and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"server ignored SIGTERM for {timeout}s:\n{self.logs()}"
+                ) from None
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
