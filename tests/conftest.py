@@ -13,6 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+API_KEY = "sk-test-123"
+MODEL = "SmolLM2-135M-Instruct"
+SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB"]
+
 TINY_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -122,3 +126,14 @@ def tiny_model_dirs(
 def hf_logits(model: Any, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([token_ids])).logits[0].float()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Any]:
+    """One real `pagellm serve` process (with an API key) shared by the server tests."""
+    from tests.utils import RemoteServer
+
+    srv = RemoteServer([*SERVER_ARGS, "--api-key", API_KEY])
+    yield srv
+    assert srv.stop() == 0, srv.logs()
+    assert "Traceback" not in srv.logs()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,19 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pagellm import SamplingParams
+from tests.conftest import API_KEY, MODEL
+from tests.conftest import SERVER_ARGS as COMMON
 from tests.utils import RemoteServer
-
-API_KEY = "sk-test-123"
-MODEL = "SmolLM2-135M-Instruct"
-COMMON = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB"]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RemoteServer]:
-    srv = RemoteServer([*COMMON, "--api-key", API_KEY])
-    yield srv
-    assert srv.stop() == 0, srv.logs()
-    assert "Traceback" not in srv.logs()
 
 
 @pytest.fixture(scope="module")

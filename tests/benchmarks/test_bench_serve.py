@@ -1,0 +1,63 @@
+"""`pagellm bench serve` end to end against a live server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from typing import Any
+
+from tests.conftest import API_KEY, MODEL
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pagellm.entrypoints.cli", "--log-level", "WARNING", "bench", "serve", *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_sweep_writes_json_sqlite_and_plots(server: Any, tmp_path: Any) -> None:
+    out, db, plots = tmp_path / "r.json", tmp_path / "r.db", tmp_path / "plots"
+    proc = bench(
+        "--base-url", server.url(), "--api-key", API_KEY, "--num-prompts", "4", "--input-len", "12:20",
+        "--output-len", "6", "--max-concurrency", "1,2", "--ignore-eos", "--goodput", "ttft:60000,tpot:60000",
+        "--output-json", str(out), "--results-db", str(db), "--plot-dir", str(plots), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Benchmark summary" in proc.stdout and "Percentiles" in proc.stdout
+    runs = json.loads(out.read_text())
+    assert [r["max_concurrency"] for r in runs] == [1, 2]
+    for r in runs:
+        assert r["completed"] == 4 and r["failed"] == 0 and r["model"] == MODEL
+        assert r["total_output_tokens"] == 4 * 6  # from the server's usage
+        for key in ("request_throughput", "output_throughput", "total_token_throughput", "goodput"):
+            assert r[key] > 0
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert set(r[key]) >= {"mean", "median", "p99"} and r[key]["median"] > 0
+        assert r["goodput"] == r["request_throughput"]  # generous SLOs: every request is good
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT max_concurrency, completed, output_throughput FROM runs ORDER BY id"
+        ).fetchall()
+    assert [(c, n) for c, n, _ in rows] == [(1, 4), (2, 4)]
+    for name in ("throughput.png", "latency.png"):
+        data = (plots / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_failing_server_is_reported_not_a_crash(server: Any, tmp_path: Any) -> None:
+    out = tmp_path / "r.json"
+    proc = bench(
+        "--base-url", server.url(), "--api-key", "wrong-key", "--model", MODEL, "--num-prompts", "3",
+        "--input-len", "8", "--output-len", "4", "--output-json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 1  # nothing completed
+    assert "Traceback" not in proc.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] == 0 and r["failed"] == 3
+    assert r["errors"] and r["errors"][0].startswith("HTTP 401")
+    assert "error: HTTP 401" in proc.stdout
+    assert os.path.getsize(out) > 0
