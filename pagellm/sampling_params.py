@@ -32,7 +32,9 @@ class RequestOutputKind(enum.Enum):
 @dataclass
 class SamplingParams:
     n: int = 1
-    """Number of independent completions to return for the prompt."""
+    """Number of completions to return for the prompt."""
+    best_of: int | None = None
+    """Generate this many samples (>= n) and return the n with the highest cumulative logprob."""
     presence_penalty: float = 0.0
     """Subtracted once from the logit of every token already generated (-2..2)."""
     frequency_penalty: float = 0.0
@@ -75,7 +77,17 @@ class SamplingParams:
     """Produce text; False returns token ids only."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """What each RequestOutput carries (cumulative, delta or final only)."""
+    use_beam_search: bool = False
+    """Beam search (deterministic); returns the n best of beam_width beams."""
+    beam_width: int | None = None
+    """Number of beams; default max(n, best_of)."""
+    length_penalty: float = 1.0
+    """Beam scores are divided by (generated length ** length_penalty)."""
+    early_stopping: bool | str = False
+    """Beam search stop rule: True (as soon as beam_width hypotheses are done), False
+    (when no running beam can improve, by the usual heuristic) or "never"."""
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    _report_logprobs: bool = field(default=True, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +108,8 @@ class SamplingParams:
                     f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
                 ) from None
         self._verify()
+        if self.use_beam_search:
+            self.temperature = 0.0  # beams are ranked by logprob; nothing is sampled
         if self.temperature < _SAMPLING_EPS:
             # Greedy: the other sampling knobs cannot change an argmax.
             self.temperature = 0.0
@@ -116,6 +130,22 @@ class SamplingParams:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
         check(is_int(self.n) and self.n >= 1, "n", "must be an integer of at least 1", self.n)
+        if self.best_of is not None:
+            check(
+                is_int(self.best_of) and self.best_of >= self.n,
+                "best_of",
+                f"must be an integer of at least n ({self.n})",
+                self.best_of,
+            )
+            if not self.use_beam_search and self.best_of > 1:
+                check(
+                    self.temperature >= _SAMPLING_EPS,
+                    "best_of",
+                    "needs temperature > 0 (greedy samples are all equal)",
+                    self.best_of,
+                )
+        if self.use_beam_search:
+            self._verify_beam_search()
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             check(is_num(v) and -2.0 <= v <= 2.0, name, "must be in [-2, 2]", v)
@@ -181,6 +211,44 @@ class SamplingParams:
                 check(-100 <= bias <= 100, "logit_bias", "values must be in [-100, 100]", bias)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    def _verify_beam_search(self) -> None:
+        width = self.beam_width if self.beam_width is not None else max(self.n, self.best_of or 1)
+        if not isinstance(width, int) or isinstance(width, bool) or width < self.n:
+            raise ValueError(
+                f"beam_width must be an integer of at least n ({self.n}), got {width!r}"
+            )
+        self.beam_width = width
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"early_stopping must be true, false or 'never', got {self.early_stopping!r}"
+            )
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(
+            self.length_penalty, bool
+        ):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        unsupported = {
+            "top_k": self.top_k != -1,
+            "top_p": self.top_p != 1.0,
+            "min_p": self.min_p != 0.0,
+            "presence_penalty": self.presence_penalty != 0.0,
+            "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "logit_bias": bool(self.logit_bias),
+            "min_tokens": self.min_tokens != 0,
+            "stop": bool(self.stop),
+            "prompt_logprobs": self.prompt_logprobs is not None,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"{bad[0]} is not supported with use_beam_search")
+
+    @property
+    def num_samples(self) -> int:
+        """How many sequences are generated: best_of (or n) samples, or 1 beam-search root."""
+        if self.use_beam_search:
+            return 1
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def greedy(self) -> bool:

@@ -73,6 +73,12 @@ class Request:
         )  # prompt tokens served by the prefix cache; -1: not yet looked up
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        # Sibling requests (n > 1, best_of) that will fork from this one once its prompt
+        # is computed up to the last token, sharing every KV block.
+        self.pending_forks: list[Request] = []
+        self.fork_parent: Request | None = None
+        # Tokens are chosen outside the sampler (beam search): the scheduler appends them.
+        self.external_tokens = sampling_params.use_beam_search
         self.block_ids: list[int] = []
         # Full-block hashes of all_token_ids, extended lazily by the KV cache manager.
         self.block_hashes: list[bytes] = []
@@ -80,6 +86,12 @@ class Request:
         want = sampling_params.max_tokens
         budget = limit - len(self.prompt_token_ids)
         self.max_tokens = budget if want is None else min(want, budget)
+
+    @property
+    def compute_target(self) -> int:
+        """How many tokens to compute before the next step can sample: all of them, or,
+        while siblings wait to fork, all but the last (each fork computes it itself)."""
+        return self.num_tokens - 1 if self.pending_forks else self.num_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +108,25 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def fork(self, req_id: str) -> Request:
+        """A copy with the same tokens (and block hashes); blocks are shared by the KV manager."""
+        child = Request(
+            req_id,
+            self.prompt_token_ids,
+            self.sampling_params,
+            tuple(self.eos_token_ids),
+            None,
+            self.arrival_time,
+            self.cache_salt,
+        )
+        child.max_tokens = self.max_tokens
+        child.output_token_ids = list(self.output_token_ids)
+        child.all_token_ids = list(self.all_token_ids)
+        child.block_hashes = list(self.block_hashes)
+        child.num_cached_tokens = self.num_cached_tokens
+        child.first_scheduled_time = self.first_scheduled_time
+        return child
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -36,6 +36,8 @@ class CachedRequestData:
     replaced_blocks: list[tuple[int, int]] = field(default_factory=list)
     """(index in block table, new block id) pairs after copy-on-write."""
     num_computed_tokens: int = 0
+    new_token_ids: list[int] = field(default_factory=list)
+    """Tokens appended by the scheduler itself (beam search) that the worker must append."""
 
 
 @dataclass
@@ -49,8 +51,6 @@ class SchedulerOutput:
     """Requests that ended or were preempted since the last step: the worker drops them."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV block copies to run before the forward pass (copy-on-write)."""
-    forked_reqs: list[tuple[str, str]] = field(default_factory=list)
-    """(parent, child) pairs: the child starts as a copy of the parent's worker state."""
 
     @property
     def is_empty(self) -> bool:
@@ -78,6 +78,15 @@ class ModelRunnerOutput:
 
 
 @dataclass
+class BeamResult:
+    token_ids: list[int]
+    cumulative_logprob: float
+    score: float
+    """cumulative_logprob / generated_length ** length_penalty"""
+    finish_reason: str
+
+
+@dataclass
 class EngineCoreOutput:
     """What one step did for one request, as the scheduler reports it to the engine."""
 
@@ -89,6 +98,8 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    beam_results: list[BeamResult] | None = None
+    """Set on the final output of a beam search: the returned sequences, best first."""
 
     @property
     def finished(self) -> bool:

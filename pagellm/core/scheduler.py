@@ -54,14 +54,20 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         # Requests whose worker state is known (sent once as NewRequestData).
         self._worker_known: set[str] = set()
-        self._pending_forks: list[tuple[str, str]] = []
+        # Tokens appended by append_token that the worker has not been sent yet.
+        self._pending_tokens: dict[str, list[int]] = {}
         self.num_preemptions = 0
 
     # ---- requests in and out ----------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.req_id in self.requests:
-            raise ValueError(f"request id {request.req_id!r} is already in use")
+        """Queue a request (and the siblings that will fork from it)."""
+        for r in (request, *request.pending_forks):
+            if r.req_id in self.requests:
+                raise ValueError(f"request id {r.req_id!r} is already in use")
+        for child in request.pending_forks:
+            child.fork_parent = request
+            self.requests[child.req_id] = child
         self.requests[request.req_id] = request
         self.waiting.append(request)
 
@@ -73,18 +79,69 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
                 continue
+            parent = request.fork_parent
+            if parent is not None and request in parent.pending_forks:
+                parent.pending_forks.remove(request)  # never started: nothing to free
+                request.status = status
+                self.requests.pop(req_id, None)
+                done.append(request)
+                continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             else:
                 self.waiting.remove(request)
             request.status = status
             self._free_request(request)
+            if request.pending_forks:
+                # Its siblings still want to run: the first takes over as the fork parent.
+                heir, *rest = request.pending_forks
+                request.pending_forks = []
+                heir.fork_parent = None
+                heir.pending_forks = rest
+                for child in rest:
+                    child.fork_parent = heir
+                self.waiting.appendleft(heir)
             done.append(request)
         return done
+
+    def fork_request(self, parent_id: str, child: Request) -> None:
+        """Start ``child`` as a copy of a running request, sharing all its KV blocks."""
+        parent = self.requests[parent_id]
+        if child.req_id in self.requests:
+            raise ValueError(f"request id {child.req_id!r} is already in use")
+        self.requests[child.req_id] = child
+        if parent.status == RequestStatus.RUNNING:
+            self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        else:  # the parent was preempted: the child recomputes on its own
+            child.num_computed_tokens = 0
+            child.status = RequestStatus.WAITING
+            self.waiting.appendleft(child)
+
+    def append_token(self, req_id: str, token_id: int) -> None:
+        """Append a token chosen outside the sampler (beam search); the worker is told."""
+        request = self.requests[req_id]
+        request.append_output_token(token_id)
+        if req_id in self._worker_known:
+            self._pending_tokens.setdefault(req_id, []).append(token_id)
+
+    def _fork_pending(self, parent: Request) -> None:
+        for child in parent.pending_forks:
+            self.kv.fork(parent, child)
+            child.fork_parent = None
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            child.status = RequestStatus.RUNNING
+            self.running.append(child)
+        parent.pending_forks = []
 
     def _free_request(self, request: Request) -> None:
         self.kv.free(request)
         self.requests.pop(request.req_id, None)
+        self._pending_tokens.pop(request.req_id, None)
         if request.req_id in self._worker_known:
             self._worker_known.discard(request.req_id)
             self._finished_ids.add(request.req_id)
@@ -111,6 +168,7 @@ class Scheduler:
         if request.req_id in self._worker_known:
             self._worker_known.discard(request.req_id)
             self._finished_ids.add(request.req_id)
+        self._pending_tokens.pop(request.req_id, None)
         self.waiting.appendleft(request)
         logger.debug("preempted %s (%d tokens)", request.req_id, request.num_tokens)
 
@@ -125,9 +183,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.pending_forks and request.num_computed_tokens >= request.compute_target:
+                self._fork_pending(request)
+            num_new = min(request.compute_target - request.num_computed_tokens, budget)
             if num_new <= 0:
-                # Nothing to compute (e.g. a fork waiting for its parent's state): skip.
+                # Nothing to compute (a beam waiting for its group to choose its token).
                 i += 1
                 continue
             old_blocks = list(request.block_ids)
@@ -153,6 +213,7 @@ class Scheduler:
                         new_block_ids=request.block_ids[len(old_blocks) :],
                         replaced_blocks=replaced,
                         num_computed_tokens=request.num_computed_tokens,
+                        new_token_ids=self._pending_tokens.pop(request.req_id, []),
                     )
                 )
             else:
@@ -167,7 +228,7 @@ class Scheduler:
         ):
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit_tokens, budget)
+            num_new = min(request.compute_target - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
@@ -178,6 +239,11 @@ class Scheduler:
             self.running.append(request)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+            if num_new == 0:
+                # Everything but the last prompt token came from the cache: fork now,
+                # parent and siblings compute their last token next step.
+                self._fork_pending(request)
+                continue
             num_scheduled[request.req_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
@@ -193,13 +259,12 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_ids,
             block_copies=self.kv.take_pending_copies(),
-            forked_reqs=self._pending_forks,
         )
         self._finished_ids = set()
-        self._pending_forks = []
         return out
 
     def _new_request_data(self, request: Request) -> NewRequestData:
+        self._pending_tokens.pop(request.req_id, None)  # the full token list goes along
         return NewRequestData(
             req_id=request.req_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -221,6 +286,14 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
             new_ids = result.sampled_token_ids[idx]
+            if request.external_tokens:
+                # Beam search: report the candidates; the group appends the chosen token.
+                lp = result.logprobs[idx] if result.logprobs is not None else None
+                if new_ids and lp is not None:
+                    outputs.append(
+                        EngineCoreOutput(req_id=req_id, new_token_ids=[], new_logprobs=[lp])
+                    )
+                continue
             prompt_lps = result.prompt_logprobs.get(req_id)
             if not new_ids and prompt_lps is None:
                 continue

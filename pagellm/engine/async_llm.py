@@ -203,12 +203,12 @@ class AsyncLLM:
         )
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
-        parent = ParentRequest(request_id, params.n, params.output_kind) if params.n > 1 else None
+        parent = ParentRequest.for_params(request_id, params)
         if parent is not None:
             self._children[request_id] = [r.req_id for r, _ in requests]
         for index, (request, text) in enumerate(requests):
             self.output_processor.add_request(request, text, parent, index)
-        self._submit([r for r, _ in requests])
+        self._submit([requests[0][0]])  # siblings fork from the first
         finished = False
         try:
             while not finished:

@@ -34,7 +34,7 @@ class InputProcessor:
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             return prompt, list(ids)
         if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
+            if "prompt_token_ids" in prompt and prompt["prompt_token_ids"] is not None:
                 return prompt.get("prompt"), self.check_token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self.tokenize(prompt["prompt"], add_special_tokens)
@@ -93,6 +93,8 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt, add_special_tokens)
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            cache_salt = str(prompt["cache_salt"])
         if not ids:
             raise ValueError("prompt must not be empty (it has no tokens)")
         n = len(ids)

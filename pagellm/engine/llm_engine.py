@@ -19,6 +19,7 @@ from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.core.scheduler import Scheduler
 from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.beam_search import BeamSearchGroup, candidates_per_beam
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor, ParentRequest
 from pagellm.engine.tokenizer import load_tokenizer
@@ -52,13 +53,41 @@ class EngineCore:
         self.runner = ModelRunner(config)
         self.plan: KVCachePlan = self.runner.initialize_kv_cache()
         self.scheduler = Scheduler(config.scheduler, config.cache, self.plan.num_blocks)
+        self.beam_groups: dict[str, BeamSearchGroup] = {}
         self.last_step: StepStats | None = None
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        if request.sampling_params.use_beam_search:
+            self.beam_groups[request.req_id] = BeamSearchGroup.start(request)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
-        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+        plain = []
+        for req_id in req_ids:
+            group = self.beam_groups.pop(req_id, None)
+            if group is not None:
+                group.abort(self.scheduler)
+            else:
+                plain.append(req_id)
+        self.scheduler.finish_requests(plain, RequestStatus.FINISHED_ABORTED)
+
+    def _advance_beam_groups(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Hand beam candidates to their groups; return the other outputs plus finished searches."""
+        owner = {b: g for g in self.beam_groups.values() for b in g.beams}
+        kept = []
+        for out in outputs:
+            group = owner.get(out.req_id)
+            if group is None:
+                kept.append(out)
+            elif out.new_logprobs:
+                group.pending[out.req_id] = out.new_logprobs[0]
+        for root_id, group in list(self.beam_groups.items()):
+            if group.ready():
+                final = group.advance(self.scheduler)
+                if final is not None:
+                    kept.append(final)
+                    del self.beam_groups[root_id]
+        return kept
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -84,6 +113,8 @@ class EngineCore:
             return []
         result = self.runner.execute_model(sched)
         outputs = self.scheduler.update_from_output(sched, result)
+        if self.beam_groups:
+            outputs = self._advance_beam_groups(outputs)
         n_decode = sum(1 for n in sched.num_scheduled_tokens.values() if n == 1)
         self.last_step = StepStats(
             num_scheduled_tokens=sched.total_num_scheduled_tokens,
@@ -129,13 +160,12 @@ class LLMEngine:
         requests = make_requests(
             self.input_processor, req_id, prompt, params, arrival_time, add_special_tokens
         )
-        parent = None
-        if params.n > 1:
-            parent = ParentRequest(req_id, params.n, params.output_kind)
+        parent = ParentRequest.for_params(req_id, params)
+        if parent is not None:
             self._children[req_id] = [r.req_id for r, _ in requests]
         for index, (request, text) in enumerate(requests):
             self.output_processor.add_request(request, text, parent, index)
-            self.core.add_request(request)
+        self.core.add_request(requests[0][0])  # siblings fork from the first
 
     def abort_request(self, req_ids: str | Iterable[str]) -> list[RequestOutput]:
         ids = [req_ids] if isinstance(req_ids, str) else list(req_ids)
@@ -167,15 +197,32 @@ def make_requests(
     arrival_time: float | None,
     add_special_tokens: bool,
 ) -> list[tuple[Request, str | None]]:
-    """One Request per completion: n > 1 gives children ``{i}_{req_id}`` with seed + i."""
-    if params.n == 1:
-        return [processor.process(req_id, prompt, params, arrival_time, add_special_tokens)]  # type: ignore[arg-type]
-    out = []
+    """The requests behind one user request, the first holding the others as pending forks.
+
+    n > 1 or best_of gives samples ``{i}_{req_id}`` (seed + i when seeded) that share the
+    prompt's KV blocks; beam search gives one root request whose beams fork later.
+    """
     now = time.time() if arrival_time is None else arrival_time
-    for i in range(params.n):
+    if params.use_beam_search:
+        root = params.clone()
+        eos = () if root.ignore_eos else processor.model_config.eos_token_ids
+        num_eos = len(set(eos) | set(root.stop_token_ids or ()))
+        assert root.beam_width is not None
+        root.logprobs = candidates_per_beam(root.beam_width, num_eos)  # the candidates, unreported
+        root._report_logprobs = False
+        return [processor.process(req_id, prompt, root, now, add_special_tokens)]
+    k = params.num_samples
+    if k == 1:
+        return [processor.process(req_id, prompt, params, now, add_special_tokens)]
+    out = []
+    for i in range(k):
         child = params.clone()
-        child.n = 1
+        child.n, child.best_of = 1, None
         if params.seed is not None:
             child.seed = params.seed + i
-        out.append(processor.process(f"{i}_{req_id}", prompt, child, now, add_special_tokens))  # type: ignore[arg-type]
+        if params.best_of is not None and child.logprobs is None:
+            child.logprobs = 0  # best_of ranks samples by cumulative logprob
+            child._report_logprobs = False
+        out.append(processor.process(f"{i}_{req_id}", prompt, child, now, add_special_tokens))
+    out[0][0].pending_forks = [r for r, _ in out[1:]]
     return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagellm.core.request import Request
-from pagellm.core.sched_output import EngineCoreOutput, TokenLogprobs
+from pagellm.core.sched_output import BeamResult, EngineCoreOutput, TokenLogprobs
 from pagellm.metrics.stats import FinishedRequestStats, IterationStats
 from pagellm.outputs import (
     CompletionOutput,
@@ -88,6 +88,7 @@ class RequestState:
     sent_tokens: int = 0
     sent_logprobs: int = 0
     sent_prompt_logprobs: bool = False
+    beam_results: list[BeamResult] | None = None
 
     @property
     def finished(self) -> bool:
@@ -96,15 +97,33 @@ class RequestState:
 
 @dataclass
 class ParentRequest:
-    """Joins the n children of a request into one RequestOutput."""
+    """Joins the samples of a request (n > 1, best_of) into one RequestOutput."""
 
     req_id: str
     n: int
+    """Samples generated."""
     kind: RequestOutputKind
+    num_return: int
+    """Completions returned: n, or with best_of the n of highest cumulative logprob."""
     children: dict[int, RequestState] = field(default_factory=dict)
+
+    @classmethod
+    def for_params(cls, req_id: str, params: SamplingParams) -> ParentRequest | None:
+        samples = params.num_samples
+        if samples == 1:
+            return None
+        return cls(req_id, samples, params.output_kind, params.n)
 
     def finished(self) -> bool:
         return len(self.children) == self.n and all(c.finished for c in self.children.values())
+
+    def chosen(self) -> list[RequestState]:
+        """The children to report, in index order (best_of: the best by cumulative logprob)."""
+        kids = [self.children[i] for i in sorted(self.children)]
+        if self.num_return == self.n or not self.finished():
+            return kids
+        best = sorted(kids, key=lambda c: -(c.cumulative_logprob or 0.0))[: self.num_return]
+        return best
 
 
 class OutputProcessor:
@@ -224,6 +243,12 @@ class OutputProcessor:
                     state.logprobs.append(self._to_logprob_dict(lp))
                     if state.cumulative_logprob is not None:
                         state.cumulative_logprob += lp.logprobs[0]
+            if co.beam_results is not None:
+                # A beam search reports once, at the end, with every returned sequence.
+                state.beam_results = co.beam_results
+                m.first_token_time = m.first_token_time or now
+                m.last_token_time = now
+                m.num_generation_tokens = sum(len(r.token_ids) for r in co.beam_results)
             stopped_by_string = self._append_tokens(state, co.new_token_ids)
             if co.finish_reason is not None and not state.finished:
                 state.finish_reason = co.finish_reason
@@ -279,6 +304,21 @@ class OutputProcessor:
         state.stop_reason = stop
         return True
 
+    def _beam_completions(self, state: RequestState) -> list[CompletionOutput]:
+        assert state.beam_results is not None
+        return [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(
+                    r.token_ids, skip_special_tokens=state.params.skip_special_tokens
+                ),
+                token_ids=list(r.token_ids),
+                cumulative_logprob=r.cumulative_logprob,
+                finish_reason=r.finish_reason,
+            )
+            for i, r in enumerate(state.beam_results)
+        ]
+
     def _completion(self, state: RequestState, delta: bool) -> CompletionOutput:
         params = state.params
         text_end = len(state.text)
@@ -301,7 +341,7 @@ class OutputProcessor:
             text=text,
             token_ids=token_ids,
             cumulative_logprob=state.cumulative_logprob,
-            logprobs=logprobs,
+            logprobs=logprobs if params._report_logprobs else None,
             finish_reason=state.finish_reason,
             stop_reason=state.stop_reason,
         )
@@ -312,6 +352,10 @@ class OutputProcessor:
         if parent is None:
             if kind == RequestOutputKind.FINAL_ONLY and not state.finished:
                 return None
+            if state.beam_results is not None:
+                return self._request_output(
+                    state.req_id, state, self._beam_completions(state), True
+                )
             return self._request_output(
                 state.req_id,
                 state,
@@ -325,7 +369,10 @@ class OutputProcessor:
             )
         if kind == RequestOutputKind.FINAL_ONLY and not parent.finished():
             return None
-        comps = [self._completion(parent.children[i], False) for i in sorted(parent.children)]
+        comps = [self._completion(child, False) for child in parent.chosen()]
+        if parent.num_return != parent.n and parent.finished():
+            for i, comp in enumerate(comps):
+                comp.index = i  # best_of: the chosen ones, renumbered
         return self._request_output(parent.req_id, state, comps, parent.finished())
 
     def _request_output(

@@ -192,17 +192,6 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
             self.requests.pop(req_id, None)
-        for parent_id, child_id in sched.forked_reqs:
-            parent = self.requests[parent_id]
-            self.requests[child_id] = CachedRequestState(
-                req_id=child_id,
-                token_ids=list(parent.token_ids),
-                num_prompt_tokens=parent.num_prompt_tokens,
-                sampling_params=parent.sampling_params,
-                block_ids=list(parent.block_ids),
-                num_computed_tokens=parent.num_computed_tokens,
-                prompt_logprobs_done=True,
-            )
         for new in sched.scheduled_new_reqs:
             self._add_request(new)
         for cached in sched.scheduled_cached_reqs:
@@ -210,6 +199,7 @@ class ModelRunner:
             for idx, block in cached.replaced_blocks:
                 state.block_ids[idx] = block
             state.block_ids.extend(cached.new_block_ids)
+            state.token_ids.extend(cached.new_token_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ---- the step ---------------------------------------------------------------------
@@ -304,7 +294,9 @@ class ModelRunner:
                 tokens = out.sampled.tolist()
                 for j, i in enumerate(sample_req_idx):
                     sampled_lists[i] = [tokens[j]]
-                    states[i].token_ids.append(tokens[j])
+                    if not states[i].sampling_params.use_beam_search:
+                        # Beam search tokens are chosen by the engine and sent back.
+                        states[i].token_ids.append(tokens[j])
                 if out.logprobs is not None:
                     logprobs_out = [None] * B
                     ids = out.logprob_token_ids.tolist()  # type: ignore[union-attr]

@@ -259,3 +259,49 @@ def test_duplicate_request_id_is_refused() -> None:
     s.add_request(make_request("a", 3, 2))
     with pytest.raises(ValueError, match="already in use"):
         s.add_request(make_request("a", 3, 2))
+
+
+def make_family(n: int, prompt_len: int, max_tokens: int) -> Request:
+    prompt = [100 + i for i in range(prompt_len)]
+    reqs = [
+        Request(f"{i}_x", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), (2,), 256)
+        for i in range(n)
+    ]
+    reqs[0].pending_forks = reqs[1:]
+    return reqs[0]
+
+
+def test_siblings_fork_after_the_shared_prefill() -> None:
+    s = make_scheduler(num_blocks=64, block_size=4, budget=100)
+    parent = make_family(3, 10, max_tokens=3)
+    s.add_request(parent)
+    out = step(s)
+    # The prompt minus its last token, once; nothing is sampled yet.
+    assert out.num_scheduled_tokens == {"0_x": 9}
+    assert parent.output_token_ids == []
+    out = step(s)
+    # Forked: each sibling computes the last prompt token itself, sharing every block.
+    assert out.num_scheduled_tokens == {"0_x": 1, "1_x": 1, "2_x": 1}
+    assert {r.req_id for r in out.scheduled_new_reqs} == {"1_x", "2_x"}
+    assert all(r.num_computed_tokens == 9 for r in out.scheduled_new_reqs)
+    blocks = [s.requests[r].block_ids for r in ("0_x", "1_x", "2_x")]
+    assert blocks[0][:2] == blocks[1][:2] == blocks[2][:2]  # the two full blocks stay shared
+    assert len({b[2] for b in blocks}) == 3  # the partial one was copied on write
+    assert len(out.block_copies) == 2
+    run_to_completion(s)
+    assert s.kv.pool.num_free_blocks == 64
+
+
+def test_aborting_a_fork_parent_hands_the_family_over() -> None:
+    s = make_scheduler(num_blocks=64, block_size=4, budget=4)
+    parent = make_family(3, 10, max_tokens=2)
+    s.add_request(parent)
+    step(s)  # 4 of 9 prompt tokens
+    s.finish_requests(["0_x"], RequestStatus.FINISHED_ABORTED)
+    heir = s.requests["1_x"]
+    assert heir.pending_forks == [s.requests["2_x"]] and s.waiting[0] is heir
+    s.finish_requests(["2_x"], RequestStatus.FINISHED_ABORTED)  # a pending fork is just dropped
+    assert heir.pending_forks == []
+    run_to_completion(s)
+    assert heir.num_output_tokens == 2
+    assert "2_x" not in s.requests

@@ -237,9 +237,15 @@ BAD_REQUESTS = [
     ),
     (
         "/v1/completions",
-        {"model": MODEL, "prompt": "hi", "best_of": 2},
+        {"model": MODEL, "prompt": "hi", "n": 3, "best_of": 2},
         400,
-        "best_of is not supported",
+        "best_of must be an integer of at least n",
+    ),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "use_beam_search": True, "top_p": 0.5},
+        400,
+        "top_p is not supported with use_beam_search",
     ),
     (
         "/v1/completions",
@@ -537,3 +543,43 @@ def test_echo_and_multiple_prompts(client: openai.OpenAI) -> None:
         model=MODEL, prompt="The capital of France is", max_tokens=3, temperature=0
     )
     assert ids.choices[0].text == text.choices[0].text
+
+
+def test_prefix_cache_beam_search_and_best_of_over_http(
+    server: RemoteServer, client: openai.OpenAI
+) -> None:
+    system = {"role": "system", "content": "You are a helpful assistant who answers briefly. " * 30}
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=[system, {"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+    )
+    second = client.chat.completions.create(
+        model=MODEL,
+        messages=[system, {"role": "user", "content": "Hello"}],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert first.usage is not None and second.usage is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 256 and cached < second.usage.prompt_tokens
+    beams = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, n=2,
+        extra_body={"use_beam_search": True, "beam_width": 3, "length_penalty": 1.0},
+    )  # fmt: skip
+    assert [c.index for c in beams.choices] == [0, 1]
+    assert beams.choices[0].text != beams.choices[1].text
+    best = client.completions.create(
+        model=MODEL, prompt="My pet is a", max_tokens=6, n=1, best_of=3, temperature=1.0, seed=2
+    )
+    assert len(best.choices) == 1 and best.usage is not None
+    resp = httpx.post(
+        server.url("/v1/completions"),
+        json={"model": MODEL, "prompt": "x", "best_of": 2, "temperature": 1.0, "stream": True},
+        headers=auth(),
+    )
+    assert (
+        resp.status_code == 400
+        and "cannot be combined with stream" in resp.json()["error"]["message"]
+    )

@@ -63,11 +63,23 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    cache_salt: str | None = None
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, kind: RequestOutputKind
     ) -> SamplingParams:
         """Build SamplingParams; raises ValueError naming a bad parameter."""
+        if self.stream and (
+            self.use_beam_search or getattr(self, "best_of", None) not in (None, 1)
+        ):
+            name = "use_beam_search" if self.use_beam_search else "best_of"
+            raise ValueError(
+                f"{name} cannot be combined with stream: results are only known at the end"
+            )
         bias = None
         if self.logit_bias is not None:
             try:
@@ -78,6 +90,11 @@ class SamplingFields(OpenAIModel):
                 ) from None
         return SamplingParams(
             n=self.n,
+            best_of=getattr(self, "best_of", None),
+            use_beam_search=self.use_beam_search,
+            beam_width=self.beam_width,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None or self.top_k == -1 else self.top_k,
@@ -102,7 +119,7 @@ class SamplingFields(OpenAIModel):
 
 
 # OpenAI fields that exist but are not implemented: refused by name.
-UNSUPPORTED_COMPLETION_FIELDS = ("suffix", "best_of")
+UNSUPPORTED_COMPLETION_FIELDS = ("suffix",)
 UNSUPPORTED_CHAT_FIELDS = (
     "tools",
     "functions",

@@ -81,7 +81,8 @@ class OpenAIServingChat(OpenAIServing):
         model, text, ids, params = self._prepare(req)
         self.check_capacity()
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        gen = self.engine.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
+        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
+        gen = self.engine.generate(prompt, params, request_id)
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, gen)

@@ -69,7 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = request_id or f"cmpl-{random_uuid()}"
         generators = []
         for i, ((text, ids), p) in enumerate(zip(tokenized, params)):
-            prompt = {"prompt": text, "prompt_token_ids": ids}
+            prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
             generators.append(self.engine.generate(prompt, p, f"{request_id}-{i}"))
         created = int(time.time())
         if req.stream:
