@@ -165,8 +165,8 @@ async def run_once(
             bar.update(1)
             return r
 
-        # Warm-up: one short request so connection setup is not measured.
-        warm = RandomRequest(requests[0].prompt_token_ids, 2, requests[0].prompt)
+        # Warm-up: one short request (not from the dataset, so it seeds no prefix cache).
+        warm = RandomRequest([], 2, "Hello")
         await send_request(
             session, args.base_url, args.endpoint, args.model, warm, False, headers, tokenizer
         )
@@ -222,10 +222,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or resolve_model_path(None))
     if args.model is None:
         args.model = _first_model(args)
-    requests = build_requests(args, tokenizer)
     sweep: list[int | None] = list(args.max_concurrency) if args.max_concurrency else [None]
     runs = []
-    for concurrency in sweep:
+    base_seed = args.seed
+    for level, concurrency in enumerate(sweep):
+        # Fresh prompts per sweep level: a server's prefix cache must not carry hits
+        # from one level to the next (the workload's own sharing stays intact).
+        args.seed = base_seed + 1000 * level
+        requests = build_requests(args, tokenizer)
         results, duration = asyncio.run(run_once(args, requests, concurrency, tokenizer))
         m = compute_metrics(results, duration, slos)
         m.update(
@@ -235,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
             model=args.model,
             dataset=args.dataset,
             num_prompts=len(requests),
+            seed=args.seed,
             input_len=args.input_len,
             output_len=args.output_len,
             max_concurrency=concurrency,
