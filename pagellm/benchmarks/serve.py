@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -139,7 +140,7 @@ async def run_once(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def one(req: RandomRequest) -> RequestResult:
-            if limit is None:
+            async with limit if limit is not None else contextlib.nullcontext():
                 r = await send_request(
                     session,
                     args.base_url,
@@ -150,18 +151,6 @@ async def run_once(
                     headers,
                     tokenizer,
                 )
-            else:
-                async with limit:
-                    r = await send_request(
-                        session,
-                        args.base_url,
-                        args.endpoint,
-                        args.model,
-                        req,
-                        args.ignore_eos,
-                        headers,
-                        tokenizer,
-                    )
             bar.update(1)
             return r
 

@@ -61,3 +61,29 @@ def test_failing_server_is_reported_not_a_crash(server: Any, tmp_path: Any) -> N
     assert r["errors"] and r["errors"][0].startswith("HTTP 401")
     assert "error: HTTP 401" in proc.stdout
     assert os.path.getsize(out) > 0
+
+
+def test_sharegpt_chat_with_poisson_arrivals(server: Any, tmp_path: Any) -> None:
+    data = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"Tell me fact number {i} about cats."},
+                {"from": "gpt", "value": "Cats sleep a lot. " * (i + 1)},
+            ]
+        }
+        for i in range(5)
+    ]
+    data.append({"conversations": [{"from": "human", "value": "lonely"}]})  # skipped: no reply
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "r.json"
+    proc = bench(
+        "--base-url", server.base_url, "--api-key", API_KEY, "--endpoint", "/v1/chat/completions",
+        "--dataset", "sharegpt", "--dataset-path", str(path), "--num-prompts", "4", "--output-len", "5",
+        "--request-rate", "20", "--burstiness", "0.5", "--ignore-eos", "--output-json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] == 4 and r["request_rate"] == 20.0 and r["burstiness"] == 0.5
+    assert r["total_output_tokens"] == 4 * 5
+    assert r["total_input_tokens"] > 4 * 20  # chat template tokens counted by the server
