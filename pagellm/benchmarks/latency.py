@@ -37,7 +37,11 @@ def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     from pagellm.engine.llm_engine import LLMEngine
     from pagellm.sampling_params import SamplingParams
 
-    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    # Latency measures compute: batch b's random prompts start with batch b/2's (same
+    # seed), and a prefix-cache hit would make prefill look faster than the machine.
+    engine_args.enable_prefix_caching = False
+    engine = LLMEngine.from_engine_args(engine_args)
 
     def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
         params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
