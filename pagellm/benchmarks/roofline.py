@@ -89,8 +89,13 @@ def model_costs(hf_config: Any, dtype_bytes: int) -> ModelCosts:
     )
 
 
-def _best_of(fn: Any, repeats: int) -> float:
+def _best_of(fn: Any, repeats: int, warmup_s: float = 0.0) -> float:
+    """Shortest of ``repeats`` timed calls, after at least one call (or ``warmup_s``
+    seconds of calls) to let caches, page tables and the CPU clock settle."""
     fn()
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -127,11 +132,13 @@ def measure_machine(
     a = torch.randn(size, size, device=dev).to(tdtype)
     b = torch.randn(size, size, device=dev).to(tdtype)
 
+    c = torch.empty(size, size, device=dev, dtype=tdtype)
+
     def mm() -> None:
-        torch.matmul(a, b)
+        torch.matmul(a, b, out=c)  # into a preallocated output: no allocator in the timing
         sync()
 
-    flops = 2 * size**3 / _best_of(mm, 5) / 1e9
+    flops = 2 * size**3 / _best_of(mm, 10, warmup_s=0.5) / 1e9
     return MachinePeaks(device, dtype, torch.get_num_threads(), bw, flops)
 
 
