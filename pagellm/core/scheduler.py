@@ -111,10 +111,7 @@ class Scheduler:
             raise ValueError(f"request id {child.req_id!r} is already in use")
         self.requests[child.req_id] = child
         if parent.status == RequestStatus.RUNNING:
-            self.kv.fork(parent, child)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.status = RequestStatus.RUNNING
-            self.running.append(child)
+            self._start_fork(parent, child)
         else:  # the parent was preempted: the child recomputes on its own
             child.num_computed_tokens = 0
             child.status = RequestStatus.WAITING
@@ -127,15 +124,19 @@ class Scheduler:
         if req_id in self._worker_known:
             self._pending_tokens.setdefault(req_id, []).append(token_id)
 
+    def _start_fork(self, parent: Request, child: Request) -> None:
+        """``child`` runs on from where ``parent`` is, sharing all of its KV blocks."""
+        self.kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
     def _fork_pending(self, parent: Request) -> None:
         for child in parent.pending_forks:
-            self.kv.fork(parent, child)
             child.fork_parent = None
-            child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
             child.first_scheduled_time = parent.first_scheduled_time
-            child.status = RequestStatus.RUNNING
-            self.running.append(child)
+            self._start_fork(parent, child)
         parent.pending_forks = []
 
     def _free_request(self, request: Request) -> None:

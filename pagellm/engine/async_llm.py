@@ -32,8 +32,8 @@ from pagellm.core.request import Request
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.input_processor import InputProcessor, PromptType
-from pagellm.engine.llm_engine import EngineCore, make_requests
-from pagellm.engine.output_processor import OutputProcessor, ParentRequest
+from pagellm.engine.llm_engine import EngineCore, register_request
+from pagellm.engine.output_processor import OutputProcessor
 from pagellm.engine.tokenizer import load_tokenizer
 from pagellm.metrics.stats import IterationStats, SchedulerStats
 from pagellm.outputs import CompletionOutput, RequestOutput
@@ -198,17 +198,13 @@ class AsyncLLM:
             raise QueueFullError(self.num_queued(), limit)
         if request_id in self._collectors:
             raise ValueError(f"request id {request_id!r} is already in use")
-        requests = make_requests(
-            self.input_processor, request_id, prompt, params, None, add_special_tokens
-        )
+        root = register_request(
+            self.input_processor, self.output_processor, self._children,
+            request_id, prompt, params, None, add_special_tokens,
+        )  # fmt: skip
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
-        parent = ParentRequest.for_params(request_id, params)
-        if parent is not None:
-            self._children[request_id] = [r.req_id for r, _ in requests]
-        for index, (request, text) in enumerate(requests):
-            self.output_processor.add_request(request, text, parent, index)
-        self._submit([requests[0][0]])  # siblings fork from the first
+        self._submit([root])
         finished = False
         try:
             while not finished:

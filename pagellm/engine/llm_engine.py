@@ -157,15 +157,11 @@ class LLMEngine:
         """Validate and queue a request (n > 1 becomes n child requests)."""
         if req_id in self.output_processor.states or req_id in self._children:
             raise ValueError(f"request id {req_id!r} is already in use")
-        requests = make_requests(
-            self.input_processor, req_id, prompt, params, arrival_time, add_special_tokens
-        )
-        parent = ParentRequest.for_params(req_id, params)
-        if parent is not None:
-            self._children[req_id] = [r.req_id for r, _ in requests]
-        for index, (request, text) in enumerate(requests):
-            self.output_processor.add_request(request, text, parent, index)
-        self.core.add_request(requests[0][0])  # siblings fork from the first
+        root = register_request(
+            self.input_processor, self.output_processor, self._children,
+            req_id, prompt, params, arrival_time, add_special_tokens,
+        )  # fmt: skip
+        self.core.add_request(root)
 
     def abort_request(self, req_ids: str | Iterable[str]) -> list[RequestOutput]:
         ids = [req_ids] if isinstance(req_ids, str) else list(req_ids)
@@ -187,6 +183,30 @@ class LLMEngine:
             if out.finished:
                 self._children.pop(out.request_id, None)
         return outputs
+
+
+def register_request(
+    input_processor: InputProcessor,
+    output_processor: OutputProcessor,
+    children: dict[str, list[str]],
+    req_id: str,
+    prompt: PromptType | dict[str, Any],
+    params: SamplingParams,
+    arrival_time: float | None,
+    add_special_tokens: bool,
+) -> Request:
+    """Validate one user request, register its requests with the output processor (and
+    its samples in ``children``), and return the one the core schedules: n > 1, best_of
+    and beam search siblings fork from it."""
+    requests = make_requests(
+        input_processor, req_id, prompt, params, arrival_time, add_special_tokens
+    )
+    parent = ParentRequest.for_params(req_id, params)
+    if parent is not None:
+        children[req_id] = [r.req_id for r, _ in requests]
+    for index, (request, text) in enumerate(requests):
+        output_processor.add_request(request, text, parent, index)
+    return requests[0][0]
 
 
 def make_requests(
@@ -214,7 +234,7 @@ def make_requests(
     k = params.num_samples
     if k == 1:
         return [processor.process(req_id, prompt, params, now, add_special_tokens)]
-    out = []
+    out: list[tuple[Request, str | None]] = []
     for i in range(k):
         child = params.clone()
         child.n, child.best_of = 1, None
@@ -223,6 +243,10 @@ def make_requests(
         if params.best_of is not None and child.logprobs is None:
             child.logprobs = 0  # best_of ranks samples by cumulative logprob
             child._report_logprobs = False
+        if out:  # the siblings reuse the first sample's tokens instead of re-tokenizing
+            first, text = out[0]
+            prompt = {"prompt": text, "prompt_token_ids": first.prompt_token_ids,
+                      "cache_salt": first.cache_salt}  # fmt: skip
         out.append(processor.process(f"{i}_{req_id}", prompt, child, now, add_special_tokens))
     out[0][0].pending_forks = [r for r, _ in out[1:]]
     return out

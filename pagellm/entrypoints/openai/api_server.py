@@ -149,19 +149,11 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.exception_handler(QueueFullError)
     async def on_queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        return error_json(
-            APIError(
-                429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
-            )
-        )
+        return error_json(APIError.queue_full(str(exc)))
 
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_json(
-            APIError(
-                503, "The engine has stopped after an error.", "server_error", code="engine_dead"
-            )
-        )
+        return error_json(APIError.engine_dead())
 
     @app.exception_handler(ValueError)
     async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
@@ -273,9 +265,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if engine.errored:
-            return error_json(
-                APIError(503, "The engine has stopped after an error.", "server_error")
-            )
+            return error_json(APIError.engine_dead())
         return Response(status_code=200)
 
     @app.get("/ping")
@@ -337,7 +327,7 @@ class _Server(uvicorn.Server):
 
 
 def run(args: argparse.Namespace) -> int:
-    # SIGTERM and SIGINT are handled by uvicorn: stop accepting, let in-flight requests
+    # SIGTERM and SIGINT (see serve's on_signal): stop accepting, let in-flight requests
     # finish for --shutdown-timeout seconds, cancel (abort) the rest, exit 0.
     return asyncio.run(serve(args))
 

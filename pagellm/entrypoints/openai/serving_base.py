@@ -60,6 +60,18 @@ class APIError(Exception):
             param = m.group(1) if m else None
         return cls(400, message, "invalid_request_error", param)
 
+    @classmethod
+    def queue_full(cls, message: str) -> APIError:
+        return cls(
+            429, message, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}
+        )
+
+    @classmethod
+    def engine_dead(cls) -> APIError:
+        return cls(
+            503, "The engine has stopped after an error.", "server_error", code="engine_dead"
+        )
+
 
 def sse(data: BaseModel | dict[str, Any] | str, exclude: set[str] | None = None) -> str:
     """One Server-Sent Event line: ``data: <json>``."""
@@ -168,17 +180,11 @@ class OpenAIServing:
         limit = self.engine.max_queued_requests
         queued = self.engine.num_queued()
         if limit is not None and queued + num_requests > limit:
-            raise APIError(
-                429,
-                f"The server is busy: {queued} requests are already waiting (limit {limit}). Retry later.",
-                "rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
+            raise APIError.queue_full(
+                f"The server is busy: {queued} requests are already waiting (limit {limit}). Retry later."
             )
         if self.engine.errored:
-            raise APIError(
-                503, "The engine has stopped after an error.", "server_error", code="engine_dead"
-            )
+            raise APIError.engine_dead()
 
     def tokenize_prompt(
         self, prompt: str | list[int], add_special_tokens: bool

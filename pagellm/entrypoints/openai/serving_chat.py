@@ -109,11 +109,8 @@ class OpenAIServingChat(OpenAIServing):
             created=created,
             model=model,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=len(final.prompt_token_ids),
-                completion_tokens=completion_tokens,
-                total_tokens=len(final.prompt_token_ids) + completion_tokens,
-                prompt_tokens_details={"cached_tokens": final.num_cached_tokens},
+            usage=UsageInfo.of(
+                len(final.prompt_token_ids), completion_tokens, final.num_cached_tokens
             ),
         )
 
@@ -160,12 +157,7 @@ class OpenAIServingChat(OpenAIServing):
                     prompt_tokens = len(out.prompt_token_ids)
                     cached = out.num_cached_tokens
             if include_usage:
-                usage = UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                    prompt_tokens_details={"cached_tokens": cached},
-                )
+                usage = UsageInfo.of(prompt_tokens, completion_tokens, cached)
                 yield sse(
                     ChatCompletionChunk(
                         id=request_id, created=created, model=model, choices=[], usage=usage

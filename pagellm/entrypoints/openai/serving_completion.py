@@ -109,7 +109,7 @@ class OpenAIServingCompletion(OpenAIServing):
             created=created,
             model=model,
             choices=choices,
-            usage=_usage(prompt_tokens, completion_tokens, cached),
+            usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
         )
 
     async def _stream(
@@ -162,7 +162,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if include_usage:
                 final = CompletionResponse(
                     id=request_id, created=created, model=model, choices=[],
-                    usage=_usage(prompt_tokens, completion_tokens, cached),
+                    usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
                 )  # fmt: skip
                 yield sse(final)
         except APIError as e:
@@ -200,12 +200,3 @@ class OpenAIServingCompletion(OpenAIServing):
                 {lp.decoded_token or "": lp.logprob for _, lp in self.top_entries(entry, num)}
             )
         return out
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details={"cached_tokens": cached},
-    )
