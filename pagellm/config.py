@@ -97,6 +97,8 @@ class DeviceConfig:
     """Name of the attention backend (see pagellm.layers.attention); auto picks per device."""
     native_kernels: bool = True
     """Use pagellm's compiled CPU kernels when they build on this machine."""
+    cpu_isa: str = "auto"
+    """Which build of the CPU kernels: auto (the best this CPU runs), avx512 or avx2."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 API_KEY = "sk-test-123"
 MODEL = "SmolLM2-135M-Instruct"
-SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB"]
+# Server tests compare against offline fp32 greedy output: the same dtype, said explicitly
+# (what "auto" picks is the engine's business and may differ per machine).
+SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB", "--dtype", "float32"]
+
+# SmolLM2 in fp32: 30 layers x (K, V) x 3 KV heads x 64 dims x 4 bytes = 45 KiB per token.
+KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
 
 TINY_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -36,10 +41,11 @@ def smol_tokenizer(default_model_path: str) -> Any:
 
 @pytest.fixture(scope="session")
 def smol_llm() -> Iterator[Any]:
-    """The real model with pagellm's defaults (native CPU kernels), shared by tests."""
+    """The real model in the fp32 reference mode (native CPU kernels), shared by tests
+    that compare with fp32 references."""
     from pagellm import LLM
 
-    llm = LLM(max_model_len=2048, kv_cache_memory="512MiB")
+    llm = LLM(max_model_len=2048, kv_cache_memory="512MiB", dtype="float32")
     yield llm
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from pagellm import LLM
 from pagellm.models.loader import resolve_model_path
+from tests.conftest import KV_BYTES_PER_TOKEN
 
 
 def test_missing_local_model(tmp_path: Any) -> None:
@@ -37,16 +38,21 @@ def test_plan_refuses_a_cache_too_small_for_one_request() -> None:
         ValueError,
         match=r"max_model_len=2048.*1\.0 MiB gives 1 blocks = 16 tokens.*needs 90\.0 MiB",
     ):
-        LLM(max_model_len=2048, kv_cache_memory="1MiB")
+        LLM(max_model_len=2048, kv_cache_memory="1MiB", dtype="float32")
 
 
 def test_plan_is_logged_and_sized(smol_llm: Any, caplog: Any) -> None:
     plan = smol_llm.engine.plan
-    # SmolLM2: 30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes
-    assert plan.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4
+    # SmolLM2: 30 layers x 2 (K, V) x 3 KV heads x 64 dims x the bytes of the run dtype
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[smol_llm.engine.config.model.dtype]
+    assert plan.kv_bytes_per_token == 30 * 2 * 3 * 64 * elem
+    assert KV_BYTES_PER_TOKEN == 30 * 2 * 3 * 64 * 4
     assert plan.num_blocks == (512 << 20) // (plan.kv_bytes_per_token * 16)
     assert plan.max_concurrency == pytest.approx(plan.num_tokens / 2048)
-    assert "KV 45.0 KiB/token" in plan.describe() and "fit at once" in plan.describe()
+    assert (
+        f"KV {plan.kv_bytes_per_token / 1024:.1f} KiB/token" in plan.describe()
+        and "fit at once" in plan.describe()
+    )
 
 
 def _run_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]:

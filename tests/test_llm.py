@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pagellm import LLM, SamplingParams
+from tests.conftest import KV_BYTES_PER_TOKEN
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -97,7 +98,13 @@ def test_seeded_request_is_batch_independent(smol_llm: Any) -> None:
 
 def test_seeded_request_survives_preemption() -> None:
     # KV for ~400 tokens: six requests of up to 40 + 60 tokens must preempt each other.
-    llm = LLM(max_model_len=128, kv_cache_memory=45 * 1024 * 400, block_size=16, max_num_seqs=8)
+    llm = LLM(
+        max_model_len=128,
+        kv_cache_memory=KV_BYTES_PER_TOKEN * 400,
+        block_size=16,
+        max_num_seqs=8,
+        dtype="float32",
+    )
     seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=60, ignore_eos=True)
     alone = llm.generate("Once upon a time", seeded, use_tqdm=False)[0].outputs[0].token_ids
     prompts = ["Once upon a time"] + [f"Story number {i}: there was a" for i in range(5)]

@@ -34,7 +34,9 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 def test_raw_logits_equal_hf(arch: str, tiny_model_dirs: dict[str, str]) -> None:
     """The logits pagellm computes (captured at the LM head) equal transformers' logits."""
     path = tiny_model_dirs[arch]
-    llm = LLM(path, block_size=4, kv_cache_memory=8 << 20, max_num_batched_tokens=512)
+    llm = LLM(
+        path, dtype="float32", block_size=4, kv_cache_memory=8 << 20, max_num_batched_tokens=512
+    )
     model = llm.engine.core.runner.model
     captured: list[torch.Tensor] = []
     original = model.compute_logits
@@ -66,6 +68,7 @@ def test_batched_chunked_distributions_equal_hf(
     path = tiny_model_dirs[arch]
     llm = LLM(
         path,
+        dtype="float32",
         block_size=4,
         kv_cache_memory=8 << 20,
         max_num_batched_tokens=16,

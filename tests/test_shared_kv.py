@@ -11,6 +11,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.engine.llm_engine import LLMEngine
+from tests.conftest import KV_BYTES_PER_TOKEN
 
 EOS = 2
 
@@ -35,7 +36,9 @@ def run_and_track_blocks(
 
 @pytest.fixture(scope="module")
 def nocache_llm() -> LLM:
-    return LLM(max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False)
+    return LLM(
+        max_model_len=1024, kv_cache_memory="256MiB", enable_prefix_caching=False, dtype="float32"
+    )
 
 
 def test_n8_shares_the_prompt_and_matches_independent_requests(nocache_llm: LLM) -> None:
@@ -72,11 +75,16 @@ def test_n8_shares_the_prompt_and_matches_independent_requests(nocache_llm: LLM)
 
 def test_forks_survive_preemption() -> None:
     llm = LLM(
-        max_model_len=256, kv_cache_memory=45 * 1024 * 16 * 24, enable_prefix_caching=False
-    )  # 24 blocks
+        max_model_len=256,
+        kv_cache_memory=KV_BYTES_PER_TOKEN * 16 * 24,  # 24 blocks
+        enable_prefix_caching=False,
+        dtype="float32",
+    )
     params = SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=60, ignore_eos=True)
     prompt = "A long time ago in a galaxy far, far away"
-    relaxed = LLM(max_model_len=256, kv_cache_memory="64MiB", enable_prefix_caching=False)
+    relaxed = LLM(
+        max_model_len=256, kv_cache_memory="64MiB", enable_prefix_caching=False, dtype="float32"
+    )
     want = [c.token_ids for c in relaxed.generate(prompt, params, use_tqdm=False)[0].outputs]
     outs, _ = run_and_track_blocks(
         llm.engine, [("p", prompt, params), ("q", "Another prompt here", params)]

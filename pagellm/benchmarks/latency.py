@@ -2,8 +2,12 @@
 as a share of the roofline (see roofline.py), for pagellm or transformers ``generate``.
 
 For each batch size B, B random prompts of ``--input-len`` tokens each generate
-``--output-len`` tokens (ignore_eos). Prefill time is until every request has its first
-token; a decode step is (end - prefill) / (output_len - 1). Medians of ``--num-iters``.
+``--output-len`` tokens (greedy, ignore_eos). Prefill time is until every request has its
+first token; a decode step is (end - prefill) / (output_len - 1). Medians of ``--num-iters``.
+
+Both backends run at their best and on equal terms: greedy, the same dtype and thread
+count, each in a process of its own where nothing else ran (the roofline probe runs in a
+child process; ``--backend hf`` never loads pagellm's kernels).
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from typing import Any
 
 from pagellm.benchmarks.datasets import sample_random_token_requests
 from pagellm.benchmarks.report import machine_info, print_grid
-from pagellm.benchmarks.roofline import MachinePeaks, ModelCosts, measure_machine, model_costs
+from pagellm.benchmarks.roofline import (
+    MachinePeaks,
+    ModelCosts,
+    measure_machine_isolated,
+    model_costs,
+)
 
 
 @dataclass
@@ -44,7 +53,7 @@ def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     engine = LLMEngine.from_engine_args(engine_args)
 
     def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(f"lat-{time.monotonic_ns()}-{i}", p, params)
         started = time.perf_counter()
@@ -66,7 +75,7 @@ def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
 def _hf_runner(args: argparse.Namespace, dtype: str) -> tuple[Any, Any]:
     import torch
 
-    from pagellm.benchmarks.throughput import load_hf_model
+    from pagellm.benchmarks.throughput import check_clean_baseline_process, load_hf_model
     from pagellm.engine.arg_utils import EngineArgs
     from pagellm.models.loader import resolve_model_path
 
@@ -74,12 +83,13 @@ def _hf_runner(args: argparse.Namespace, dtype: str) -> tuple[Any, Any]:
     model = load_hf_model(resolve_model_path(engine_args.model), getattr(torch, dtype))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    check_clean_baseline_process()
 
     def gen(ids: torch.Tensor, n: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                           top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
         return time.perf_counter() - start
 
     def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
@@ -103,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     )
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
     costs: ModelCosts = model_costs(config.model.hf_config, dtype_bytes)
-    peaks: MachinePeaks = measure_machine(
+    peaks: MachinePeaks = measure_machine_isolated(
         config.device.device, config.model.dtype, config.device.num_threads
     )
     rows: list[LatencyRow] = []

@@ -14,14 +14,13 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from pagellm.layers import native
+
+    info["cpu"] = native.cpu_model_name()
+    # The features that decide which kernels run (every table names its machine).
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16")
+    info["cpu_features"] = [f for f in wanted if f in native.cpu_features()]
+    info["kernel_isas"] = native.supported_isas()
     try:
         import torch
 

@@ -4,7 +4,9 @@ Every request gets a prompt of random token ids with a length drawn from
 ``--input-len A:B`` and generates exactly ``--output-len C:D`` tokens (ignore_eos).
 ``--backend hf`` runs the same requests through transformers ``generate`` in static,
 left-padded batches (the baseline of vLLM's own benchmark_throughput): a batch runs
-until its longest output is done, and only the requested tokens are counted.
+until its longest output is done, and only the requested tokens are counted. Both
+backends decode greedily in the same dtype and thread count, each in its own process
+(the transformers one never loads pagellm's kernels).
 """
 
 from __future__ import annotations
@@ -48,10 +50,7 @@ def run_pagellm(requests: list[RandomRequest], args: argparse.Namespace) -> tupl
     engine_args = EngineArgs.from_cli_args(args)
     llm = LLM(**{k: v for k, v in vars(engine_args).items()})
     params = [
-        SamplingParams(
-            temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len, seed=None
-        )
-        for r in requests
+        SamplingParams(temperature=0, ignore_eos=True, max_tokens=r.output_len) for r in requests
     ]
     prompts = [r.prompt_token_ids for r in requests]
     # Warm up allocator and kernels on a couple of requests first.
@@ -110,16 +109,14 @@ def run_hf(requests: list[RandomRequest], args: argparse.Namespace) -> tuple[flo
         model.generate(
             input_ids=ids,
             attention_mask=mask,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
+            do_sample=False,
             max_new_tokens=max_out,
             min_new_tokens=max_out,
             pad_token_id=pad_id,
             use_cache=True,
         )
 
+    check_clean_baseline_process()
     with torch.inference_mode():
         run_batch([requests[0]])  # warm-up
         start = time.perf_counter()
@@ -127,6 +124,15 @@ def run_hf(requests: list[RandomRequest], args: argparse.Namespace) -> tuple[flo
             run_batch(b)
         elapsed = time.perf_counter() - start
     return elapsed, model_path.rsplit("/", 1)[-1], dtype_name
+
+
+def check_clean_baseline_process() -> None:
+    """The transformers baseline must run where pagellm's kernels never loaded (they
+    share the OpenMP runtime and the allocator settings with torch)."""
+    from pagellm.layers import native
+
+    if native.loaded():
+        raise RuntimeError("pagellm's CPU kernels were loaded in the baseline's process")
 
 
 def load_hf_model(model_path: str, dtype: Any) -> Any:

@@ -2,7 +2,7 @@
 
 Shared by the offline ``LLM`` class and every CLI command, so an option means the same
 thing everywhere. "auto" values are decided here: device (cuda when available), dtype
-(fp32 on CPUs without native bf16, bf16/fp16 on GPU), max_model_len (the model's
+(float32 on CPU, bf16/fp16 on GPU; see ``_resolve_dtype``), max_model_len (the model's
 context length) and the per-step token budget (smaller on CPU, where a long prefill
 step would stall every decoding request).
 """
@@ -42,15 +42,6 @@ _DTYPE_ALIASES = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @strict_kwargs
 @dataclass
 class EngineArgs:
@@ -65,7 +56,7 @@ class EngineArgs:
     chat_template: str | None = None
     """Path to a Jinja chat template file (or the template text) overriding the model's."""
     dtype: str = "auto"
-    """auto, float32, bfloat16 or float16."""
+    """auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16 or float16."""
     max_model_len: int | None = None
     """Most tokens per request (prompt + output); default: the model's context length."""
     seed: int = 0
@@ -78,6 +69,8 @@ class EngineArgs:
     """auto, torch or cpu_native."""
     native_kernels: bool = True
     """Use pagellm's compiled CPU kernels when they build here."""
+    cpu_isa: str = "auto"
+    """Build of the CPU kernels: auto (best supported; PAGELLM_CPU_ISA overrides), avx512, avx2."""
     block_size: int = 16
     """Tokens per KV block."""
     kv_cache_memory: int | str | None = None
@@ -114,7 +107,13 @@ class EngineArgs:
             return dtype
         if device == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
+        # CPU: float32, on every CPU kind. It is the exact dtype (parity with fp32
+        # references) and, measured, the fast one: pagellm's native kernels are fp32, and
+        # torch's bf16 path was 1.4x slower at batch-1 decode on an AVX512-BF16 Xeon and
+        # slower again on an AVX512-BF16 EPYC (docs/benchmarks.md#dtype). A host feature
+        # flag alone (avx512_bf16, amx_bf16) says nothing about speed, so it is not used;
+        # bfloat16 stays one flag away (--dtype bfloat16).
+        return "float32"
 
     def _check(self) -> None:
         def positive(name: str) -> None:
@@ -125,6 +124,8 @@ class EngineArgs:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "num_threads", "num_gpu_blocks_override"):  # fmt: skip
             positive(name)
+        if self.cpu_isa not in ("auto", "avx512", "avx2"):
+            raise ValueError(f"cpu_isa must be auto, avx512 or avx2, got {self.cpu_isa!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
@@ -209,6 +210,7 @@ class EngineArgs:
                 num_threads=self.num_threads,
                 attention_backend=self.attention_backend,
                 native_kernels=self.native_kernels,
+                cpu_isa=self.cpu_isa,
             ),
             log_stats=self.log_stats,
         )
@@ -241,6 +243,8 @@ class EngineArgs:
         add("--attention-backend", default="auto", help="auto, torch or cpu_native")
         add("--no-native-kernels", dest="native_kernels", action="store_false",
             help="use torch ops instead of pagellm's compiled CPU kernels")  # fmt: skip
+        add("--cpu-isa", default="auto", choices=("auto", "avx512", "avx2"),
+            help="build of the CPU kernels (auto: the best this CPU supports)")  # fmt: skip
         add("--block-size", type=int, default=16, help="tokens per KV block")
         add("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB (CPU default 4GiB)")
         add("--gpu-memory-utilization", type=float, default=0.9)

@@ -79,13 +79,26 @@ def get_forward_context() -> ForwardContext:
 
 
 class AttentionBackend(abc.ABC):
-    """Computes attention for a flat batch against the paged KV cache."""
+    """Computes attention for a flat batch against the paged KV cache.
+
+    ``native_lib`` is the compiled CPU kernel library the model runner chose (None:
+    none); backends that do not use it ignore it.
+    """
 
     name: ClassVar[str]
 
+    def __init__(self, native_lib: ctypes.CDLL | None = None) -> None:
+        self.native_lib = native_lib
+
     @classmethod
     @abc.abstractmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool: ...
+    def supports(
+        cls,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_dim: int,
+        native_lib: ctypes.CDLL | None,
+    ) -> bool: ...
 
     def prepare(self, meta: AttentionMetadata) -> Any:
         """Per-step work shared by all layers (index tensors, masks)."""
@@ -117,25 +130,30 @@ def register_attention_backend(cls: type[AttentionBackend]) -> type[AttentionBac
 
 
 def get_attention_backend(
-    name: str, device: torch.device, dtype: torch.dtype, head_dim: int
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    native_lib: ctypes.CDLL | None = None,
 ) -> AttentionBackend:
     """Instantiate a backend by name; 'auto' picks the fastest one that supports the device."""
     if name == "auto":
         for candidate in ("cpu_native", "torch"):
             cls = ATTENTION_BACKENDS[candidate]
-            if cls.supports(device, dtype, head_dim):
-                return cls()
+            if cls.supports(device, dtype, head_dim, native_lib):
+                return cls(native_lib)
         raise ValueError(f"no attention backend supports {device} / {dtype}")
     if name not in ATTENTION_BACKENDS:
         raise ValueError(
             f"unknown attention backend {name!r}; available: {', '.join(sorted(ATTENTION_BACKENDS))}"
         )
     cls = ATTENTION_BACKENDS[name]
-    if not cls.supports(device, dtype, head_dim):
+    if not cls.supports(device, dtype, head_dim, native_lib):
         raise ValueError(
             f"attention backend {name!r} does not support {device} / {dtype} / head_dim={head_dim}"
+            + ("" if native_lib is not None else " without the native CPU kernels")
         )
-    return cls()
+    return cls(native_lib)
 
 
 @dataclass
@@ -158,7 +176,13 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     @classmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    def supports(
+        cls,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_dim: int,
+        native_lib: ctypes.CDLL | None,
+    ) -> bool:
         return True
 
     def prepare(self, meta: AttentionMetadata) -> _TorchStepData:
@@ -254,24 +278,26 @@ class CpuNativeAttentionBackend(AttentionBackend):
 
     name = "cpu_native"
 
-    def __init__(self) -> None:
-        from pagellm.layers import native
-
-        lib = native.load()
-        if lib is None:
+    def __init__(self, native_lib: ctypes.CDLL | None = None) -> None:
+        if native_lib is None:
             raise ValueError("the cpu_native attention backend needs the compiled CPU kernels")
-        self._lib: ctypes.CDLL = lib
+        super().__init__(native_lib)
+        self._lib: ctypes.CDLL = native_lib
 
     @classmethod
-    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-        from pagellm.layers import native
-
+    def supports(
+        cls,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_dim: int,
+        native_lib: ctypes.CDLL | None,
+    ) -> bool:
         # The kernel works on 32-channel slices of each head.
         return (
             device.type == "cpu"
             and dtype == torch.float32
             and head_dim % 32 == 0
-            and native.load() is not None
+            and native_lib is not None
         )
 
     def prepare(self, meta: AttentionMetadata) -> _NativeStepData:

@@ -1,17 +1,23 @@
-"""Build and load pagellm's CPU kernels (pagellm/csrc/cpu_ops.c) through ctypes.
+"""Build and load pagellm's CPU kernels (pagellm/csrc/*.c) through ctypes, per instruction set.
 
-The library is compiled once per source version and machine into pagellm's cache
-folder with the system C compiler; if there is no compiler, no AVX2/FMA, or the build
-fails, ``load()`` returns None and every op falls back to its torch twin. Set
-``PAGELLM_NATIVE=0`` to turn the kernels off.
+The kernels are written once over the vector layer in ``csrc/simd.h`` and compiled for
+each instruction set the host supports (see ``ISAS``, best first). ``load()`` returns
+the library for the best one (or the one named by ``PAGELLM_CPU_ISA``); tests load every
+supported one. A build is cached in pagellm's cache folder under a key made of the
+sources, the compiler, its flags and the host's CPU features, so a home directory shared
+by two machines never loads a build made for the other. Where there is no x86-64 with
+AVX2 + FMA, no compiler, or the build fails, ``load()`` returns None with a logged
+reason and every op falls back to its torch twin. ``PAGELLM_NATIVE=0`` turns the
+kernels off.
 
-torch is imported before the library is loaded so the kernels bind to the OpenMP
-runtime torch already uses (both ask for ``libgomp.so.1``) and share its thread team.
+torch is imported before a library is loaded so the kernels bind to the OpenMP runtime
+torch already uses (both ask for ``libgomp.so.1``) and share its thread team.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -19,93 +25,215 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 
 import torch  # noqa: F401  (loads libgomp first)
 
-from pagellm.utils import cache_dir, run_once
+from pagellm.utils import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_BASE_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+@dataclass(frozen=True)
+class IsaSpec:
+    """One build of the kernels: the CPU features it needs and the flags that enable them."""
+
+    name: str
+    required: tuple[str, ...]
+    """/proc/cpuinfo flags the build cannot run without."""
+    flags: tuple[str, ...]
+    """Compiler flags for the required features."""
+    optional: tuple[tuple[str, str], ...] = ()
+    """(cpu flag, compiler flag) pairs added when the host has the feature (e.g. VNNI)."""
+
+    def compile_flags(self, features: frozenset[str]) -> list[str]:
+        extra = [flag for feature, flag in self.optional if feature in features]
+        return [*_BASE_FLAGS, *self.flags, *extra]
+
+
+# Best first. Each kernel source compiles for every entry (simd.h picks the vector width).
+ISAS: tuple[IsaSpec, ...] = (
+    IsaSpec(
+        "avx512",
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+        (("avx512_vnni", "-mavx512vnni"), ("avx_vnni", "-mavxvnni")),
+    ),
+    IsaSpec(
+        "avx2",
+        ("avx2", "fma", "f16c"),
+        ("-mavx2", "-mfma", "-mf16c"),
+        (("avx_vnni", "-mavxvnni"),),
+    ),
+)
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _F = ctypes.c_float
 
-_SIGNATURES = {
-    "pagellm_linear_f32": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT],
-    "pagellm_rms_norm_f32": [_P, _P, _P, _P, _I64, _I64, _F, _INT],
-    "pagellm_rope_f32": [_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT],
-    "pagellm_silu_and_mul_f32": [_P, _P, _I64, _I64, _INT],
-    "pagellm_write_kv_f32": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64],
-    "pagellm_paged_attention_f32": [
+# name -> (argument types, return type)
+_SIGNATURES: dict[str, tuple[list[type], type | None]] = {
+    "pagellm_isa": ([], ctypes.c_char_p),
+    "pagellm_read_sum": ([_P, _I64, _INT], _F),
+    "pagellm_linear_f32": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT], None),
+    "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
+    "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),
+    "pagellm_silu_and_mul_f32": ([_P, _P, _I64, _I64, _INT], None),
+    "pagellm_write_kv_f32": ([_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64], None),
+    "pagellm_paged_attention_f32": ([
         _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _P,
         _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT,
-    ],
+    ], None),
 }  # fmt: skip
 
 
-def _cpu_supports_avx2() -> bool:
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The host's CPU feature flags (empty where they cannot be read)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    words = set(flags.split())
-    return "avx2" in words and "fma" in words
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def _compile(src: str, out_path: str, compiler: str) -> None:
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out_path))
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def supported_isas() -> list[str]:
+    """Names of the kernel builds this CPU can run, best first."""
+    features = cpu_features()
+    return [spec.name for spec in ISAS if all(f in features for f in spec.required)]
+
+
+def default_isa() -> str | None:
+    """``PAGELLM_CPU_ISA`` if set (and supported), else the best build this CPU runs."""
+    supported = supported_isas()
+    wanted = os.environ.get("PAGELLM_CPU_ISA")
+    if wanted:
+        if wanted not in supported:
+            raise ValueError(
+                f"PAGELLM_CPU_ISA={wanted!r} is not supported on this CPU; supported: "
+                + (", ".join(supported) or "none")
+            )
+        return wanted
+    return supported[0] if supported else None
+
+
+def _sources() -> list[tuple[str, bytes]]:
+    root = resources.files("pagellm").joinpath("csrc")
+    return sorted(
+        (entry.name, entry.read_bytes())
+        for entry in root.iterdir()
+        if entry.name.endswith((".c", ".h"))
+    )
+
+
+def _compile(src_dir: str, c_files: list[str], flags: list[str], out: str, cc: str) -> None:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, src, "-o", tmp, "-lm"],
+            [
+                cc,
+                *flags,
+                "-I",
+                src_dir,
+                *(os.path.join(src_dir, c) for c in c_files),
+                "-o",
+                tmp,
+                "-lm",
+            ],
             check=True,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
-        os.replace(tmp, out_path)  # atomic: concurrent builders never see half a file
+        os.replace(tmp, out)  # atomic: concurrent builders never see half a file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-@run_once
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built here."""
+def load(isa: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library for ``isa`` (default: ``default_isa()``), or None where it
+    cannot be built here (the reason is logged)."""
     if os.environ.get("PAGELLM_NATIVE", "1") == "0":
-        logger.info("native CPU kernels disabled by PAGELLM_NATIVE=0")
+        _log_once("native CPU kernels disabled by PAGELLM_NATIVE=0; using torch ops")
         return None
-    if not _cpu_supports_avx2():
-        logger.info("native CPU kernels need x86-64 Linux with AVX2 and FMA; using torch ops")
+    name = isa or default_isa()
+    if name is None:
+        _log_once("native CPU kernels need x86-64 Linux with AVX2, FMA and F16C; using torch ops")
         return None
+    if name not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {name!r} kernels; supported: {supported_isas()}")
+    return _load(name)
+
+
+def loaded() -> bool:
+    """Whether this process has loaded any kernel build (benchmarks check that their
+    transformers baseline runs in a process without them)."""
+    return _load.cache_info().currsize > 0
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+@functools.cache
+def _load(name: str) -> ctypes.CDLL | None:
+    spec = next(s for s in ISAS if s.name == name)
+    features = cpu_features()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found; pagellm uses torch ops on CPU (slower decode)")
+        logger.warning("no C compiler found; pagellm uses torch ops on CPU (slower)")
         return None
-    src_ref = resources.files("pagellm").joinpath("csrc/cpu_ops.c")
-    source = src_ref.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + compiler.encode()).hexdigest()[:16]
-    out_path = os.path.join(cache_dir("kernels", key), "libpagellm_cpu.so")
+    flags = spec.compile_flags(features)
+    sources = _sources()
+    digest = hashlib.sha256()
+    for fname, data in sources:
+        digest.update(fname.encode() + b"\0" + data)
+    digest.update(" ".join([compiler, *flags, *sorted(features)]).encode())
+    out_path = os.path.join(
+        cache_dir("kernels", f"{name}-{digest.hexdigest()[:16]}"), "libpagellm_cpu.so"
+    )
     if not os.path.exists(out_path):
-        with resources.as_file(src_ref) as src_path:
+        with tempfile.TemporaryDirectory() as src_dir:
+            for fname, data in sources:
+                with open(os.path.join(src_dir, fname), "wb") as f:
+                    f.write(data)
+            c_files = [fname for fname, _ in sources if fname.endswith(".c")]
             try:
-                _compile(str(src_path), out_path, compiler)
+                _compile(src_dir, c_files, flags, out_path, compiler)
             except (subprocess.SubprocessError, OSError) as e:
                 detail = getattr(e, "stderr", "") or str(e)
-                logger.warning("building the CPU kernels failed; using torch ops: %s", detail)
+                logger.warning(
+                    "building the %s CPU kernels failed; using torch ops: %s", name, detail
+                )
                 return None
-        logger.info("built CPU kernels into %s", out_path)
+        logger.info("built %s CPU kernels (%s) into %s", name, " ".join(flags), out_path)
     lib = ctypes.CDLL(out_path)
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
+    for fn_name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, fn_name)
         fn.argtypes = argtypes
-        fn.restype = None
+        fn.restype = restype
+    built_for = lib.pagellm_isa().decode()
+    assert built_for == name, (built_for, name)
     return lib

@@ -22,7 +22,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+# Plain numeric tensor types gguf-py reads as numpy arrays but does not "dequantize".
+_PLAIN_TYPES = ("F64", "I8", "I16", "I32", "I64")
 
 # GGUF architecture -> (HF architecture, transformers config class, q/k rows permuted)
 _ARCHS: dict[str, tuple[str, str, bool]] = {
@@ -81,6 +82,32 @@ def open_gguf(path: str) -> GGUFFile:
     """A GGUFFile, parsed once per process (parsing the metadata of a 49k-token
     vocabulary takes gguf-py seconds; config and weights both need it)."""
     return _open_cached(path, os.stat(path).st_mtime_ns)
+
+
+def dequantize_tensor(name: str, data: np.ndarray, tensor_type: Any) -> np.ndarray:
+    """float32 values of a GGUF tensor of any type gguf-py can dequantize (F32, F16, BF16,
+    Q4_0 ... Q8_0, the K-quants, the IQ types, TQ, MXFP4, ...) or read as plain numbers;
+    a ValueError names the tensor and the type otherwise."""
+    from gguf import quants
+
+    try:
+        return np.asarray(quants.dequantize(data, tensor_type), dtype=np.float32)
+    except NotImplementedError:
+        if tensor_type.name in _PLAIN_TYPES:
+            return np.asarray(data, dtype=np.float32)
+        raise ValueError(
+            f"GGUF tensor {name} has type {tensor_type.name}, which gguf-py {_gguf_version()} "
+            "cannot dequantize; convert the file to another type (llama-quantize)"
+        ) from None
+
+
+def _gguf_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 class GGUFFile:
@@ -160,8 +187,6 @@ class GGUFFile:
 
     def tensors(self, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float32 tensor) for every weight, dequantized."""
-        from gguf import quants
-
         permute = _ARCHS[self.arch][2]
         n_heads = cfg.num_attention_heads
         n_kv = cfg.num_key_value_heads
@@ -171,12 +196,7 @@ class GGUFFile:
                 if t.name != "rope_freqs.weight":
                     logger.debug("ignoring GGUF tensor %s", t.name)
                 continue
-            qtype = t.tensor_type.name
-            if qtype not in SUPPORTED_GGUF_TYPES:
-                raise ValueError(
-                    f"GGUF tensor {t.name} has type {qtype}; supported: {', '.join(SUPPORTED_GGUF_TYPES)}"
-                )
-            arr = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            arr = dequantize_tensor(t.name, t.data, t.tensor_type)
             if permute and name.endswith("q_proj.weight"):
                 arr = unpermute_qk(arr, n_heads)
             elif permute and name.endswith("k_proj.weight"):

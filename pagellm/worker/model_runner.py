@@ -92,13 +92,12 @@ class ModelRunner:
             and self.dtype == torch.float32
             and config.device.native_kernels
         ):
-            self.native_lib = native.load()
-        backend = config.device.attention_backend
-        if backend == "auto" and self.native_lib is None:
-            backend = "torch"
+            isa = config.device.cpu_isa
+            self.native_lib = native.load(None if isa == "auto" else isa)
         self.attn_backend = get_attention_backend(
-            backend, self.device, self.dtype, head_dim_of(config.model.hf_config)
-        )
+            config.device.attention_backend, self.device, self.dtype,
+            head_dim_of(config.model.hf_config), self.native_lib,
+        )  # fmt: skip
         mc = config.model
         self.model = build_model(
             mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib
@@ -114,7 +113,8 @@ class ModelRunner:
         self.plan: KVCachePlan | None = None
         logger.info(
             "model runner: device=%s dtype=%s attention=%s native kernels=%s threads=%d",
-            self.device, mc.dtype, self.attn_backend.name, self.native_lib is not None,
+            self.device, mc.dtype, self.attn_backend.name,
+            self.native_lib.pagellm_isa().decode() if self.native_lib is not None else "off",
             torch.get_num_threads(),
         )  # fmt: skip
 

@@ -89,7 +89,7 @@ def test_roofline_reports_best_decode_per_batch(tiny_model_dirs: Any, tmp_path: 
     out = tmp_path / "roof.json"
     proc = bench(
         "roofline", "--model", tiny_model_dirs["Qwen2ForCausalLM"], "--batch-sizes", "1,8",
-        "--output-json", str(out),
+        "--dtype", "float32", "--output-json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Best decode, batch 1" in proc.stdout and "Best decode, batch 8" in proc.stdout

@@ -1,27 +1,64 @@
-"""pagellm's compiled CPU kernels against their torch twins."""
+"""pagellm's compiled CPU kernels against their torch twins, on every instruction set
+this CPU supports (AVX2 everywhere; AVX-512 where present): each test runs once per
+build, so a machine of either kind checks every path it can run."""
 
 from __future__ import annotations
+
+import ctypes
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from pagellm.layers import native, ops
-from pagellm.layers.attention import AttentionMetadata, get_attention_backend
+from pagellm.layers.attention import (
+    AttentionMetadata,
+    CpuNativeAttentionBackend,
+    TorchAttentionBackend,
+)
 from pagellm.layers.rotary import RotaryEmbedding
 
-lib = native.load()
+ISAS = native.supported_isas()
+
+
+@pytest.fixture(params=ISAS)
+def lib(request: Any) -> ctypes.CDLL:
+    built = native.load(request.param)
+    assert built is not None, f"the {request.param} kernels did not build"
+    return built
 
 
 def test_kernels_build_on_this_machine() -> None:
-    # CI and development machines have AVX2 and a C compiler: the fast path must exist.
-    assert lib is not None
+    # CI and development machines have AVX2, FMA, F16C and a C compiler: the fast path
+    # must exist, and the default build is the best one the CPU supports.
+    assert "avx2" in ISAS
+    best = native.load()
+    assert best is not None and best.pagellm_isa().decode() == ISAS[0]
+
+
+def test_builds_are_cached_per_instruction_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = {isa: native.load(isa)._name for isa in ISAS}  # type: ignore[union-attr]
+    assert len(set(paths.values())) == len(ISAS)
+    for isa, path in paths.items():
+        assert f"/{isa}-" in path
+    monkeypatch.setenv("PAGELLM_CPU_ISA", "avx2")
+    assert native.default_isa() == "avx2"
+    monkeypatch.setenv("PAGELLM_CPU_ISA", "sse2")
+    with pytest.raises(ValueError, match="PAGELLM_CPU_ISA='sse2' is not supported"):
+        native.default_isa()
+
+
+def test_a_cpu_without_avx2_gets_no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "cpu_features", lambda: frozenset({"sse2", "avx"}))
+    assert native.supported_isas() == []
+    assert native.load() is None
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 31, 64])
 @pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 40), (1539, 576), (7, 1536)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear(M: int, N: int, K: int, bias: bool) -> None:
+def test_linear(lib: ctypes.CDLL, M: int, N: int, K: int, bias: bool) -> None:
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g)
@@ -37,7 +74,7 @@ def test_linear(M: int, N: int, K: int, bias: bool) -> None:
     )
 
 
-def test_rms_norm_with_and_without_residual() -> None:
+def test_rms_norm_with_and_without_residual(lib: ctypes.CDLL) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(17, 576, generator=g)
     w = torch.randn(576, generator=g)
@@ -53,14 +90,14 @@ def test_rms_norm_with_and_without_residual() -> None:
     torch.testing.assert_close(r, ref_r)
 
 
-def test_silu_and_mul() -> None:
+def test_silu_and_mul(lib: ctypes.CDLL) -> None:
     x = torch.randn(9, 2 * 1536) * 4
     torch.testing.assert_close(
         ops.silu_and_mul(x, lib), ops.silu_and_mul(x, None), atol=1e-5, rtol=1e-5
     )
 
 
-def test_rope_in_place_on_strided_views() -> None:
+def test_rope_in_place_on_strided_views(lib: ctypes.CDLL) -> None:
     from pagellm.layers import ops as ops_mod
 
     positions = torch.tensor([0, 5, 17, 1000, 3], dtype=torch.long)
@@ -89,7 +126,7 @@ def _mixed_batch(block_size: int) -> tuple[list[int], list[int], list[list[int]]
 
 
 @pytest.mark.parametrize(("Hq", "Hkv", "D"), [(9, 3, 64), (4, 4, 32), (8, 1, 64), (10, 2, 128)])
-def test_paged_attention_matches_torch_backend(Hq: int, Hkv: int, D: int) -> None:
+def test_paged_attention_matches_torch_backend(lib: ctypes.CDLL, Hq: int, Hkv: int, D: int) -> None:
     bs = 16
     q_lens, seq_lens, tables, num_blocks = _mixed_batch(bs)
     T = sum(q_lens)
@@ -107,8 +144,8 @@ def test_paged_attention_matches_torch_backend(Hq: int, Hkv: int, D: int) -> Non
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
     q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     outs = {}
-    for name in ("cpu_native", "torch"):
-        backend = get_attention_backend(name, torch.device("cpu"), torch.float32, D)
+    backends = {"cpu_native": CpuNativeAttentionBackend(lib), "torch": TorchAttentionBackend()}
+    for name, backend in backends.items():
         meta = AttentionMetadata(
             T, len(q_lens), bs, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
             torch.from_numpy(bt), torch.from_numpy(slots), max(q_lens), max(seq_lens), qsl,
@@ -140,7 +177,7 @@ def test_paged_attention_matches_torch_backend(Hq: int, Hkv: int, D: int) -> Non
 
 
 @pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 44), (1539, 1536)])
-def test_linear_is_batch_invariant(N: int, K: int) -> None:
+def test_linear_is_batch_invariant(lib: ctypes.CDLL, N: int, K: int) -> None:
     """A row's output is bit-identical whatever else is in the batch."""
     g = torch.Generator().manual_seed(N)
     w = torch.randn(N, K, generator=g)

@@ -14,18 +14,29 @@ from pagellm import LLM, SamplingParams
 from pagellm.models.gguf import unpermute_qk
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
-# Tensor -> GGUF type: every supported type appears at least once.
-TYPES = {
-    "token_embd.weight": "Q8_0",
-    "output.weight": "Q6_K",
-    "attn_q.weight": "Q4_0",
-    "attn_k.weight": "Q4_1",
-    "attn_v.weight": "F16",
-    "attn_output.weight": "BF16",
-    "ffn_gate.weight": "Q4_K",
-    "ffn_up.weight": "Q5_K",
-    "ffn_down.weight": "Q6_K",
-}
+# Tensor -> GGUF type, per layer: a mixed-type file like the popular Qwen2.5 Q4 GGUFs
+# (a Q5_0 embedding, Q8_0 / Q4_K / Q5_K / Q6_K layers, Q5_0 / Q5_1 in between).
+GLOBAL_TYPES = {"token_embd.weight": "Q5_0", "output.weight": "Q6_K"}
+LAYER_TYPES = [
+    {
+        "attn_q.weight": "Q4_0",
+        "attn_k.weight": "Q4_1",
+        "attn_v.weight": "F16",
+        "attn_output.weight": "BF16",
+        "ffn_gate.weight": "Q4_K",
+        "ffn_up.weight": "Q5_K",
+        "ffn_down.weight": "Q6_K",
+    },
+    {
+        "attn_q.weight": "Q8_0",
+        "attn_k.weight": "Q5_1",
+        "attn_v.weight": "Q5_0",
+        "attn_output.weight": "Q4_K",
+        "ffn_gate.weight": "Q5_K",
+        "ffn_up.weight": "Q8_0",
+        "ffn_down.weight": "Q4_0",
+    },
+]
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -99,24 +110,24 @@ def write_tiny_gguf(path: str, source_gguf: str) -> None:
             writer.add_tensor(name, quants.quantize(w, qtype), raw_dtype=qtype)
 
     head_dim = HIDDEN // HEADS
-    add("token_embd.weight", (vocab, HIDDEN), TYPES["token_embd.weight"])
-    add("output.weight", (vocab, HIDDEN), TYPES["output.weight"])
+    add("token_embd.weight", (vocab, HIDDEN), GLOBAL_TYPES["token_embd.weight"])
+    add("output.weight", (vocab, HIDDEN), GLOBAL_TYPES["output.weight"])
     add("output_norm.weight", (HIDDEN,), "F32")
-    for i in range(LAYERS):
+    for i, types in enumerate(LAYER_TYPES[:LAYERS]):
         add(f"blk.{i}.attn_norm.weight", (HIDDEN,), "F32")
         add(f"blk.{i}.ffn_norm.weight", (HIDDEN,), "F32")
-        add(f"blk.{i}.attn_q.weight", (HIDDEN, HIDDEN), TYPES["attn_q.weight"], permute_heads=HEADS)
+        add(f"blk.{i}.attn_q.weight", (HIDDEN, HIDDEN), types["attn_q.weight"], permute_heads=HEADS)
         add(
             f"blk.{i}.attn_k.weight",
             (KV_HEADS * head_dim, HIDDEN),
-            TYPES["attn_k.weight"],
+            types["attn_k.weight"],
             permute_heads=KV_HEADS,
         )
-        add(f"blk.{i}.attn_v.weight", (KV_HEADS * head_dim, HIDDEN), TYPES["attn_v.weight"])
-        add(f"blk.{i}.attn_output.weight", (HIDDEN, HIDDEN), TYPES["attn_output.weight"])
-        add(f"blk.{i}.ffn_gate.weight", (INTER, HIDDEN), TYPES["ffn_gate.weight"])
-        add(f"blk.{i}.ffn_up.weight", (INTER, HIDDEN), TYPES["ffn_up.weight"])
-        add(f"blk.{i}.ffn_down.weight", (HIDDEN, INTER), TYPES["ffn_down.weight"])
+        add(f"blk.{i}.attn_v.weight", (KV_HEADS * head_dim, HIDDEN), types["attn_v.weight"])
+        add(f"blk.{i}.attn_output.weight", (HIDDEN, HIDDEN), types["attn_output.weight"])
+        add(f"blk.{i}.ffn_gate.weight", (INTER, HIDDEN), types["ffn_gate.weight"])
+        add(f"blk.{i}.ffn_up.weight", (INTER, HIDDEN), types["ffn_up.weight"])
+        add(f"blk.{i}.ffn_down.weight", (HIDDEN, INTER), types["ffn_down.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -133,7 +144,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, default_model_path: str)
 def test_tiny_gguf_with_every_type_matches_transformers(tiny_gguf: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    llm = LLM(tiny_gguf, kv_cache_memory=16 << 20)
+    llm = LLM(tiny_gguf, kv_cache_memory=16 << 20, dtype="float32")
     cfg = llm.engine.config.model.hf_config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         HIDDEN,
@@ -169,6 +180,129 @@ def test_tiny_gguf_with_every_type_matches_transformers(tiny_gguf: str) -> None:
     assert "<|im_start|>" in llm.get_tokenizer().chat_template
 
 
+def _all_types() -> tuple[list[str], list[str]]:
+    """(types gguf-py quantizes and dequantizes, types it only dequantizes)."""
+    import gguf
+    from gguf import quants
+
+    both, dequant_only = [], []
+    w = np.zeros((2, 256), dtype=np.float32)
+    for t in gguf.GGMLQuantizationType:
+        if t.name == "F32":
+            continue
+        if t.name in ("F64", "I8", "I16", "I32", "I64"):  # plain numbers: written as they are
+            both.append(t.name)
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        try:
+            quants.dequantize(np.zeros((2, 256 // block * size), dtype=np.uint8), t)
+        except NotImplementedError:
+            continue
+        try:
+            quants.quantize(w, t)
+            both.append(t.name)
+        except NotImplementedError:
+            dequant_only.append(t.name)
+    return both, dequant_only
+
+
+QUANTIZABLE, DEQUANT_ONLY = _all_types()
+# Largest error of a quantize -> dequantize round trip, as a share of the block's largest
+# |weight|. Q8_0 and the affine Q4_1 / Q5_1 round to the nearest of their levels: half a
+# step (amax / 127 and (max - min) / 15 or / 31). Q4_0 and Q5_0 map the signed extreme to
+# -8 or -16, so the other side stops one step short of it: up to a whole step there
+# (amax / 8, amax / 16). The float formats lose their mantissa (F16 2^-11, BF16 2^-8);
+# MXFP4 (e2m1 with a shared power-of-two scale) and the ternary TQ types are coarse by design.
+ROUND_TRIP_BOUND = {
+    "F16": 1e-3, "BF16": 4e-3, "F64": 1e-7, "Q8_0": 1 / 200, "Q5_0": 1 / 15.8, "Q5_1": 1 / 29,
+    "Q4_0": 1 / 7.9, "Q4_1": 1 / 14, "MXFP4": 0.26, "TQ1_0": 0.51, "TQ2_0": 0.51,
+}  # fmt: skip
+
+
+def _write_one_tensor(path: str, data: np.ndarray, kind: str, rows: int = 8) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    if data.dtype == np.uint8:
+        writer.add_tensor("blk.0.ffn_up.weight", data, raw_dtype=qtype)
+    else:
+        writer.add_tensor("blk.0.ffn_up.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _load_one_tensor(path: str) -> np.ndarray:
+    from pagellm.models.gguf import GGUFFile
+
+    cfg = type("Cfg", (), {"num_attention_heads": 1, "num_key_value_heads": 1})()
+    ((name, tensor),) = list(GGUFFile(path).tensors(cfg))
+    assert name == "model.layers.0.mlp.up_proj.weight"
+    return tensor.numpy()
+
+
+def test_every_type_is_known() -> None:
+    # The lists come from gguf-py itself; the ones the project promises are in them.
+    for kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"):
+        assert kind in QUANTIZABLE
+    for kind in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS"):
+        assert kind in DEQUANT_ONLY
+    assert set(ROUND_TRIP_BOUND) >= set(QUANTIZABLE) - {"I8", "I16", "I32", "I64"}
+
+
+@pytest.mark.parametrize("kind", QUANTIZABLE)
+def test_round_trip_of_every_quantizable_type(kind: str, tmp_path: Any) -> None:
+    """Weights quantized by gguf-py, written to a file and loaded by pagellm come back
+    within half a quantization step of the originals."""
+    import gguf
+    from gguf import quants
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((8, 512)) * 0.05).astype(np.float32)
+    w[3, 100] = 0.9  # an outlier: its block's scale must follow it
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    if kind in ("I8", "I16", "I32", "I64"):
+        w = np.round(w * 100)
+        data = w.astype(getattr(np, kind.lower().replace("i", "int")))
+    elif kind == "F64":
+        data = w.astype(np.float64)
+    else:
+        data = quants.quantize(w, qtype)
+    path = str(tmp_path / f"{kind}.gguf")
+    _write_one_tensor(path, data, kind)
+    got = _load_one_tensor(path)
+    assert got.shape == w.shape and got.dtype == np.float32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    err = np.abs(got - w).reshape(8, -1, block).max(-1)
+    amax = np.abs(w).reshape(8, -1, block).max(-1)
+    bound = ROUND_TRIP_BOUND.get(kind, 0.0)
+    assert (err <= bound * amax + 1e-7).all(), (kind, float((err / amax).max()))
+
+
+@pytest.mark.parametrize("kind", DEQUANT_ONLY)
+def test_every_dequantize_only_type_loads(kind: str, tmp_path: Any) -> None:
+    """Types gguf-py reads but cannot write (K-quants, IQ, NVFP4): random blocks whose
+    float16/fp8 scale fields are finite (every byte masked to 0x3B keeps an fp16 exponent
+    below 15) load as exactly the values the format defines, in the right shape."""
+    import gguf
+    from gguf import quants
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 8, 512
+    rng = np.random.default_rng(2)
+    raw = (rng.integers(0, 256, size=(rows, cols // block * size)) & 0x3B).astype(np.uint8)
+    path = str(tmp_path / f"{kind}.gguf")
+    _write_one_tensor(path, raw, kind)
+    got = _load_one_tensor(path)
+    want = quants.dequantize(raw, qtype)
+    assert got.shape == (rows, cols) and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got).max() > 0
+
+
 def test_unsupported_tensor_type_is_refused(tmp_path: Any, default_model_path: str) -> None:
     import gguf
 
@@ -177,9 +311,10 @@ def test_unsupported_tensor_type_is_refused(tmp_path: Any, default_model_path: s
     writer.add_block_count(1)
     writer.add_embedding_length(32)
     writer.add_head_count(1)
-    w = np.zeros((32, 32), dtype=np.float32)
-    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q5_0),
-                      raw_dtype=gguf.GGMLQuantizationType.Q5_0)  # fmt: skip
+    # Q8_K is llama.cpp's activation type: a valid GGUF type that gguf-py cannot dequantize.
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    raw = np.zeros((32, 256 // block * size), dtype=np.uint8)
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q8_K)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -187,5 +322,5 @@ def test_unsupported_tensor_type_is_refused(tmp_path: Any, default_model_path: s
     from pagellm.models.gguf import GGUFFile
 
     cfg = type("Cfg", (), {"num_attention_heads": 1, "num_key_value_heads": 1})()
-    with pytest.raises(ValueError, match="type Q5_0; supported: F32"):
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight has type Q8_K, which gguf-py"):
         list(GGUFFile(path).tensors(cfg))
