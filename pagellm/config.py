@@ -26,6 +26,21 @@ DEFAULT_GPU_MAX_NUM_BATCHED_TOKENS = 8192
 
 
 @dataclass(frozen=True, eq=False)
+class QuantConfig:
+    """How the model's weights are stored (see pagellm.layers.quantization); resolved."""
+
+    method: str = "none"
+    """none, gguf, int8, int4, awq or gptq."""
+    group_size: int = 32
+    """int4: input channels per scale (32 or 128)."""
+    checkpoint_method: str | None = None
+    """awq or gptq when the checkpoint holds packed codes (method is then that one, or
+    none to dequantize them)."""
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    """The checkpoint's own quantization_config (awq, gptq)."""
+
+
+@dataclass(frozen=True, eq=False)
 class ModelConfig:
     """What model runs and how its numbers are stored."""
 
@@ -51,6 +66,8 @@ class ModelConfig:
     """Token ids that end generation unless ignore_eos is set."""
     chat_template: str | None = None
     """A chat template that overrides the tokenizer's own (Jinja text)."""
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    """How the weights are stored and multiplied."""
 
     @property
     def is_gguf(self) -> bool:
@@ -71,6 +88,8 @@ class CacheConfig:
     """Force the number of KV blocks (tests and experiments)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes across requests."""
+    kv_cache_dtype: str = "float32"
+    """How K and V are stored: float32, bfloat16, float16, fp8_e4m3 or int8 (resolved)."""
 
 
 @dataclass(frozen=True)

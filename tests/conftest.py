@@ -15,9 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 API_KEY = "sk-test-123"
 MODEL = "SmolLM2-135M-Instruct"
-# Server tests compare against offline fp32 greedy output: the same dtype, said explicitly
-# (what "auto" picks is the engine's business and may differ per machine).
-SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB", "--dtype", "float32"]
+# The shared server runs pagellm's defaults, as users run it (the GGUF's own quantization,
+# float32); tests that compare it with offline output use an offline engine with the same
+# defaults (``smol_llm_default``), not an fp32 reference.
+SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB"]
 
 # SmolLM2 in fp32: 30 layers x (K, V) x 3 KV heads x 64 dims x 4 bytes = 45 KiB per token.
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
@@ -41,11 +42,20 @@ def smol_tokenizer(default_model_path: str) -> Any:
 
 @pytest.fixture(scope="session")
 def smol_llm() -> Iterator[Any]:
-    """The real model in the fp32 reference mode (native CPU kernels), shared by tests
-    that compare with fp32 references."""
+    """The real model in the reference mode (weights dequantized, fp32; native CPU
+    kernels), shared by tests that compare with fp32 references such as transformers."""
     from pagellm import LLM
 
-    llm = LLM(max_model_len=2048, kv_cache_memory="512MiB", dtype="float32")
+    llm = LLM(max_model_len=2048, kv_cache_memory="512MiB", dtype="float32", quantization="none")
+    yield llm
+
+
+@pytest.fixture(scope="session")
+def smol_llm_default() -> Iterator[Any]:
+    """The real model with pagellm's defaults (what `pagellm serve` runs with no flags)."""
+    from pagellm import LLM
+
+    llm = LLM(max_model_len=1024, kv_cache_memory="256MiB")
     yield llm
 
 

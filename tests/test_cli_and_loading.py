@@ -66,7 +66,7 @@ def _run_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess[str]
 def test_cli_generate_streams_text() -> None:
     proc = _run_cli(
         "generate", "--chat", "--temperature", "0", "--max-tokens", "16", "--max-model-len", "1024",
-        "--kv-cache-memory", "256MiB", "What is the capital of France?",
+        "--kv-cache-memory", "256MiB", "Name the capital of France.",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout

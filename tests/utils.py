@@ -89,3 +89,35 @@ class RemoteServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def prompt_logits(llm: Any, prompt: list[int]) -> Any:
+    """The logits pagellm computes at every prompt position ([n, vocab], captured at the
+    LM head during one prefill step)."""
+    from pagellm import SamplingParams
+
+    model = llm.engine.core.runner.model
+    captured: list[Any] = []
+    original = model.compute_logits
+
+    def capture(hidden: Any) -> Any:
+        out = original(hidden)
+        captured.append(out.clone())
+        return out
+
+    model.compute_logits = capture
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        llm.generate([prompt], params, use_tqdm=False)
+    finally:
+        del model.compute_logits
+    (rows,) = captured  # the sampled (last) position first, then positions 0 .. n-2
+    import torch
+
+    return torch.cat([rows[1:], rows[:1]])
+
+
+def relative_error(a: Any, b: Any) -> float:
+    """||a - b|| / ||b|| over all entries (root mean square, so that one outlier among
+    millions of logits does not decide)."""
+    return float((a - b).float().norm() / b.float().norm())

@@ -26,6 +26,7 @@ from pagellm.benchmarks.roofline import (
     ModelCosts,
     measure_machine_isolated,
     model_costs,
+    step_weight_bytes,
 )
 
 
@@ -108,11 +109,17 @@ def run(args: argparse.Namespace) -> int:
     engine_args = EngineArgs.from_cli_args(args)
     config = engine_args.create_engine_config()
     tokenizer = load_tokenizer(config.model.tokenizer)
-    _, runner = (
+    engine, runner = (
         _hf_runner(args, config.model.dtype) if args.backend == "hf" else _pagellm_runner(args)
     )
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[config.model.dtype]
-    costs: ModelCosts = model_costs(config.model.hf_config, dtype_bytes)
+    if args.backend == "hf":
+        costs: ModelCosts = model_costs(config.model.hf_config, dtype_bytes)
+    else:  # what the engine stores: quantized weights and KV count as they are
+        costs = model_costs(
+            config.model.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
+            engine.plan.kv_bytes_per_token,
+        )  # fmt: skip
     peaks: MachinePeaks = measure_machine_isolated(
         config.device.device, config.model.dtype, config.device.num_threads
     )

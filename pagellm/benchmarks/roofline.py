@@ -74,8 +74,15 @@ class ModelCosts:
         )
 
 
-def model_costs(hf_config: Any, dtype_bytes: int) -> ModelCosts:
-    """Bytes and FLOPs of a Llama-family model from its config (no weights needed)."""
+def model_costs(
+    hf_config: Any,
+    dtype_bytes: int,
+    weight_bytes: int | None = None,
+    kv_bytes_per_token: int | None = None,
+) -> ModelCosts:
+    """Bytes and FLOPs of a Llama-family model from its config; ``weight_bytes`` and
+    ``kv_bytes_per_token`` override the dtype-based sizes with what a loaded engine
+    measured (quantized weights, a quantized KV cache)."""
     from pagellm.models.llama import head_dim_of
 
     h = hf_config.hidden_size
@@ -94,11 +101,22 @@ def model_costs(hf_config: Any, dtype_bytes: int) -> ModelCosts:
         num_layers=layers,
         num_q_heads=q_heads,
         head_dim=d,
-        weight_bytes=(matmul_params + norms) * dtype_bytes,
+        weight_bytes=weight_bytes or (matmul_params + norms) * dtype_bytes,
         matmul_params=matmul_params,
         lm_head_params=vocab * h,
-        kv_bytes_per_token=layers * 2 * kv_heads * d * dtype_bytes,
+        kv_bytes_per_token=kv_bytes_per_token or layers * 2 * kv_heads * d * dtype_bytes,
     )
+
+
+def step_weight_bytes(model: Any) -> int:
+    """Weight bytes a decode step reads from a loaded model: everything but an untied
+    embedding table, of which a step only gathers a few rows."""
+    from pagellm.models.loader import model_weight_bytes
+
+    total = model_weight_bytes(model)
+    if getattr(model, "lm_head", None) is not None:
+        total -= model_weight_bytes(model.model.embed_tokens)
+    return total
 
 
 def _best_of(fn: Any, repeats: int, warmup_s: float = 0.0) -> float:
@@ -235,11 +253,18 @@ def measure_machine_isolated(
 
 def run(args: argparse.Namespace) -> int:
     from pagellm.engine.arg_utils import EngineArgs
+    from pagellm.engine.llm_engine import LLMEngine
 
-    config = EngineArgs.from_cli_args(args).create_engine_config()
+    # Load the engine for what it stores (quantized weights, KV dtype); the machine is
+    # probed in a child process all the same.
+    engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+    config = engine.config
     mc = config.model
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[mc.dtype]
-    costs = model_costs(mc.hf_config, dtype_bytes)
+    costs = model_costs(
+        mc.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
+        engine.plan.kv_bytes_per_token,
+    )  # fmt: skip
     peaks = measure_machine_isolated(config.device.device, mc.dtype, config.device.num_threads)
     ctx = args.context
     rows: list[tuple[str, Any]] = [

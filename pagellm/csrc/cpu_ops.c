@@ -249,50 +249,122 @@ void pagellm_silu_and_mul_f32(const float* x, float* out, int64_t M, int64_t N, 
     }
 }
 
+/* ---- the paged KV cache: element types ------------------------------------------
+ * KV_F32 / KV_BF16 / KV_FP8 (e4m3fn) hold values; KV_I8 holds codes with a float scale per
+ * (token, KV head): value = scale * code. */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_FP8 = 2, KV_I8 = 3 };
+
+static inline int64_t kv_elem_size(int kvt) { return kvt == KV_F32 ? 4 : kvt == KV_BF16 ? 2 : 1; }
+
+static inline vf kv_load(const void* base, int64_t idx, int kvt) {
+    switch (kvt) {
+        case KV_BF16: return vf_load_bf16((const uint16_t*)base + idx);
+        case KV_FP8: return vf_load_fp8((const uint8_t*)base + idx);
+        case KV_I8: return vf_load_i8((const int8_t*)base + idx);
+        default: return vf_load((const float*)base + idx);
+    }
+}
+
+static inline uint16_t f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7FFF + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* float -> fp8 e4m3fn, round to nearest even, saturating at +-448 (e4m3fn has no inf). */
+static inline uint8_t f32_to_fp8(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    float a = fabsf(x);
+    if (!(a < 448.0f)) return sign | 0x7E; /* also NaN -> the largest value */
+    if (a < 0x1p-6f) {
+        /* subnormal: m * 2^-9, m in 0..8 (8 becomes the smallest normal, same bits) */
+        float m = nearbyintf(a * 0x1p9f);
+        return sign | (uint8_t)m;
+    }
+    memcpy(&u, &a, 4);
+    u += (1u << 19) - 1 + ((u >> 20) & 1); /* keep 3 mantissa bits, nearest even */
+    uint32_t e = (u >> 23) - 127 + 7, m = (u >> 20) & 7;
+    uint32_t bits = (e << 3) | m;
+    return sign | (uint8_t)(bits > 0x7E ? 0x7E : bits);
+}
+
 /* Write this step's K/V rows into the paged cache: cache row slot = block * bs + offset. */
-void pagellm_write_kv_f32(const float* k, int64_t ldk, const float* v, int64_t ldv,
-                          float* k_cache, float* v_cache, const int64_t* slot_mapping, int64_t T,
-                          int64_t row_elems) {
+void pagellm_write_kv(const float* k, int64_t ldk, const float* v, int64_t ldv, void* k_cache,
+                      void* v_cache, float* k_scale, float* v_scale, const int64_t* slot_mapping,
+                      int64_t T, int64_t Hkv, int64_t D, int kvt) {
+    int64_t row = Hkv * D, esz = kv_elem_size(kvt);
     for (int64_t t = 0; t < T; t++) {
         int64_t slot = slot_mapping[t];
         if (slot < 0) continue;
-        memcpy(k_cache + slot * row_elems, k + t * ldk, row_elems * sizeof(float));
-        memcpy(v_cache + slot * row_elems, v + t * ldv, row_elems * sizeof(float));
+        for (int which = 0; which < 2; which++) {
+            const float* src = which ? v + t * ldv : k + t * ldk;
+            char* dst = (char*)(which ? v_cache : k_cache) + slot * row * esz;
+            float* scales = which ? v_scale : k_scale;
+            if (kvt == KV_F32) {
+                memcpy(dst, src, row * sizeof(float));
+            } else if (kvt == KV_BF16) {
+                for (int64_t i = 0; i < row; i++) ((uint16_t*)dst)[i] = f32_to_bf16(src[i]);
+            } else if (kvt == KV_FP8) {
+                for (int64_t i = 0; i < row; i++) ((uint8_t*)dst)[i] = f32_to_fp8(src[i]);
+            } else {
+                for (int64_t h = 0; h < Hkv; h++) {
+                    const float* x = src + h * D;
+                    float amax = 0.0f;
+                    for (int64_t i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+                    float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+                    for (int64_t i = 0; i < D; i++)
+                        ((int8_t*)dst)[h * D + i] = (int8_t)nearbyintf(x[i] * inv);
+                    scales[slot * Hkv + h] = scale;
+                }
+            }
+        }
     }
 }
 
 /* scores[g][j] = scale * q_g . K[j] for the G query heads of one KV head, j < ctx.
  * Walks the block table (no division per key) four keys at a time, so one horizontal
  * reduction serves four dot products. */
-static void attn_scores(const float* qs, int64_t G, int64_t D, const float* k_cache,
-                        const int32_t* bt, int64_t block_size, int64_t row, int64_t kh,
-                        int64_t ctx, float scale, float* scores) {
+static inline __attribute__((always_inline)) void attn_scores(
+    const float* qs, int64_t G, int64_t D, const void* k_cache, const float* k_scale,
+    const int32_t* bt, int64_t block_size, int64_t row, int64_t Hkv, int64_t kh, int64_t ctx,
+    float scale, float* scores, int kvt) {
     const __m128 vscale = _mm_set1_ps(scale);
     for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {
-        const float* base = k_cache + (int64_t)bt[b] * block_size * row + kh * D;
+        int64_t tok0 = (int64_t)bt[b] * block_size;
         int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
         for (int64_t r0 = 0; r0 < n; r0 += 4) {
             int64_t nk = n - r0 < 4 ? n - r0 : 4;
-            const float* k0 = base + r0 * row;
-            const float* k1 = nk > 1 ? k0 + row : k0;
-            const float* k2 = nk > 2 ? k0 + 2 * row : k0;
-            const float* k3 = nk > 3 ? k0 + 3 * row : k0;
+            int64_t k0 = (tok0 + r0) * row + kh * D;
+            int64_t k1 = nk > 1 ? k0 + row : k0;
+            int64_t k2 = nk > 2 ? k0 + 2 * row : k0;
+            int64_t k3 = nk > 3 ? k0 + 3 * row : k0;
+            __m128 ks = vscale;
+            if (kvt == KV_I8) {
+                const float* sc = k_scale + (tok0 + r0) * Hkv + kh;
+                ks = _mm_mul_ps(vscale, _mm_setr_ps(sc[0], nk > 1 ? sc[Hkv] : 0.0f,
+                                                    nk > 2 ? sc[2 * Hkv] : 0.0f,
+                                                    nk > 3 ? sc[3 * Hkv] : 0.0f));
+            }
             for (int64_t g = 0; g < G; g++) {
                 const float* qg = qs + g * D;
                 vf a0 = vf_zero(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t d = 0; d < D; d += VW) {
                     vf qv = vf_load(qg + d);
-                    a0 = vf_fma(qv, vf_load(k0 + d), a0);
-                    a1 = vf_fma(qv, vf_load(k1 + d), a1);
-                    a2 = vf_fma(qv, vf_load(k2 + d), a2);
-                    a3 = vf_fma(qv, vf_load(k3 + d), a3);
+                    a0 = vf_fma(qv, kv_load(k_cache, k0 + d, kvt), a0);
+                    a1 = vf_fma(qv, kv_load(k_cache, k1 + d, kvt), a1);
+                    a2 = vf_fma(qv, kv_load(k_cache, k2 + d, kvt), a2);
+                    a3 = vf_fma(qv, kv_load(k_cache, k3 + d, kvt), a3);
                 }
                 float* dst = scores + g * ctx + j0 + r0;
                 if (nk == 4) {
-                    _mm_storeu_ps(dst, _mm_mul_ps(vf_hsum4(a0, a1, a2, a3), vscale));
+                    _mm_storeu_ps(dst, _mm_mul_ps(vf_hsum4(a0, a1, a2, a3), ks));
                 } else {
                     float tmp[4];
-                    _mm_storeu_ps(tmp, _mm_mul_ps(vf_hsum4(a0, a1, a2, a3), vscale));
+                    _mm_storeu_ps(tmp, _mm_mul_ps(vf_hsum4(a0, a1, a2, a3), ks));
                     for (int64_t r = 0; r < nk; r++) dst[r] = tmp[r];
                 }
             }
@@ -328,74 +400,93 @@ static void softmax_rows(float* scores, int64_t G, int64_t ctx) {
     }
 }
 
-/* out[g][d0:d0+32] = sum_j p[g][j] V[j][d0:d0+32] for GC (1..3) heads at once: each
- * 32-float slice of a V row is loaded once and feeds GC x (32 / VW) register accumulators. */
+/* out[g][d0:d0+32] = sum_j p[g][j] V[j][d0:d0+32] for gc (1..3) heads at once: each
+ * 32-value slice of a V row is loaded once and feeds gc x (32 / VW) register
+ * accumulators. int8 V: p[g][j] already carries V's scale of key j. */
 #define SV (32 / VW)
-#define PV_SLICE(GC)                                                                           \
-    static void pv_slice_##GC(const float* probs, int64_t ctx, const float* v_cache,          \
-                              const int32_t* bt, int64_t block_size, int64_t row,             \
-                              int64_t off, float* out, int64_t D) {                           \
-        vf acc[GC][SV];                                                                        \
-        for (int g = 0; g < GC; g++)                                                           \
-            for (int i = 0; i < SV; i++) acc[g][i] = vf_zero();                                \
-        for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {                       \
-            const float* vr = v_cache + (int64_t)bt[b] * block_size * row + off;               \
-            int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;                         \
-            for (int64_t r = 0; r < n; r++, vr += row) {                                       \
-                vf v[SV];                                                                      \
-                for (int i = 0; i < SV; i++) v[i] = vf_load(vr + i * VW);                      \
-                for (int g = 0; g < GC; g++) {                                                 \
-                    vf p = vf_broadcast(probs + g * ctx + j0 + r);                             \
-                    for (int i = 0; i < SV; i++) acc[g][i] = vf_fma(p, v[i], acc[g][i]);       \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-        for (int g = 0; g < GC; g++)                                                           \
-            for (int i = 0; i < SV; i++) vf_store(out + g * D + i * VW, acc[g][i]);            \
+static inline __attribute__((always_inline)) void pv_slice(
+    const float* probs, int64_t ctx, const void* v_cache, const int32_t* bt, int64_t block_size,
+    int64_t row, int64_t off, float* out, int64_t D, int gc, int kvt) {
+    vf acc[3][SV];
+    for (int g = 0; g < gc; g++)
+        for (int i = 0; i < SV; i++) acc[g][i] = vf_zero();
+    for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {
+        int64_t vr = (int64_t)bt[b] * block_size * row + off;
+        int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
+        for (int64_t r = 0; r < n; r++, vr += row) {
+            vf v[SV];
+            for (int i = 0; i < SV; i++) v[i] = kv_load(v_cache, vr + i * VW, kvt);
+            for (int g = 0; g < gc; g++) {
+                vf p = vf_broadcast(probs + g * ctx + j0 + r);
+                for (int i = 0; i < SV; i++) acc[g][i] = vf_fma(p, v[i], acc[g][i]);
+            }
+        }
     }
-PV_SLICE(1)
-PV_SLICE(2)
-PV_SLICE(3)
+    for (int g = 0; g < gc; g++)
+        for (int i = 0; i < SV; i++) vf_store(out + g * D + i * VW, acc[g][i]);
+}
+
+static inline __attribute__((always_inline)) void attention_item(
+    const float* q, int64_t ldq, const void* k_cache, const void* v_cache, const float* k_scale,
+    const float* v_scale, const int32_t* block_tables, int64_t max_blocks, const int32_t* seq_lens,
+    const int32_t* query_start_loc, const int32_t* token_to_seq, float* out, int64_t item,
+    int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, float scale, float* scores, int kvt) {
+    const int64_t G = Hq / Hkv;
+    const int64_t row = Hkv * D; /* elements per cache row (one token) */
+    int64_t t = item / Hkv, kh = item % Hkv;
+    int64_t s = token_to_seq[t];
+    int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
+    int64_t pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
+    int64_t ctx = pos + 1;
+    const int32_t* bt = block_tables + s * max_blocks;
+    const float* qs = q + t * ldq + kh * G * D;
+    attn_scores(qs, G, D, k_cache, k_scale, bt, block_size, row, Hkv, kh, ctx, scale, scores, kvt);
+    softmax_rows(scores, G, ctx);
+    if (kvt == KV_I8) {
+        for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {
+            int64_t n = ctx - j0 < block_size ? ctx - j0 : block_size;
+            const float* vs = v_scale + (int64_t)bt[b] * block_size * Hkv + kh;
+            for (int64_t r = 0; r < n; r++)
+                for (int64_t g = 0; g < G; g++) scores[g * ctx + j0 + r] *= vs[r * Hkv];
+        }
+    }
+    float* o = out + (t * Hq + kh * G) * D;
+    for (int64_t g0 = 0; g0 < G; g0 += 3) {
+        int gc = G - g0 < 3 ? (int)(G - g0) : 3;
+        for (int64_t d0 = 0; d0 < D; d0 += 32)
+            pv_slice(scores + g0 * ctx, ctx, v_cache, bt, block_size, row, kh * D + d0,
+                     o + g0 * D + d0, D, gc, kvt);
+    }
+}
 
 /* Paged attention for a flattened batch of prefill chunks and decode tokens.
  * One work item is (token, kv head): the G = Hq / Hkv query heads of the group read each
  * K and V row once (per 32-channel slice). Exact two-pass softmax over the token's whole
  * visible context. Requires head_dim % 32 == 0 (checked by the caller). */
-void pagellm_paged_attention_f32(const float* q, int64_t ldq, const float* k_cache,
-                                 const float* v_cache, const int32_t* block_tables,
-                                 int64_t max_blocks, const int32_t* seq_lens,
-                                 const int32_t* query_start_loc, const int32_t* token_to_seq,
-                                 float* out, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                                 int64_t block_size, int64_t max_seq_len, float scale,
-                                 int nthreads) {
+void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
+                             const void* v_cache, const float* k_scale, const float* v_scale,
+                             const int32_t* block_tables, int64_t max_blocks,
+                             const int32_t* seq_lens, const int32_t* query_start_loc,
+                             const int32_t* token_to_seq, float* out, int64_t T, int64_t Hq,
+                             int64_t Hkv, int64_t D, int64_t block_size, int64_t max_seq_len,
+                             float scale, int kvt, int nthreads) {
     const int64_t G = Hq / Hkv;
-    const int64_t row = Hkv * D; /* elements per cache row (one token) */
 #pragma omp parallel num_threads(nthreads)
     {
         float* scores = (float*)malloc(sizeof(float) * (size_t)(G * (max_seq_len + 8)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < T * Hkv; item++) {
-            int64_t t = item / Hkv, kh = item % Hkv;
-            int64_t s = token_to_seq[t];
-            int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
-            int64_t pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
-            int64_t ctx = pos + 1;
-            const int32_t* bt = block_tables + s * max_blocks;
-            const float* qs = q + t * ldq + kh * G * D;
-            attn_scores(qs, G, D, k_cache, bt, block_size, row, kh, ctx, scale, scores);
-            softmax_rows(scores, G, ctx);
-            float* o = out + (t * Hq + kh * G) * D;
-            for (int64_t g0 = 0; g0 < G; g0 += 3) {
-                int64_t gc = G - g0 < 3 ? G - g0 : 3;
-                for (int64_t d0 = 0; d0 < D; d0 += 32) {
-                    const float* pr = scores + g0 * ctx;
-                    float* og = o + g0 * D + d0;
-                    int64_t off = kh * D + d0;
-                    if (gc == 3) pv_slice_3(pr, ctx, v_cache, bt, block_size, row, off, og, D);
-                    else if (gc == 2) pv_slice_2(pr, ctx, v_cache, bt, block_size, row, off, og, D);
-                    else pv_slice_1(pr, ctx, v_cache, bt, block_size, row, off, og, D);
-                }
+#define ITEM(KVT)                                                                              \
+    attention_item(q, ldq, k_cache, v_cache, k_scale, v_scale, block_tables, max_blocks,       \
+                   seq_lens, query_start_loc, token_to_seq, out, item, Hq, Hkv, D, block_size, \
+                   scale, scores, KVT)
+            switch (kvt) {
+                case KV_BF16: ITEM(KV_BF16); break;
+                case KV_FP8: ITEM(KV_FP8); break;
+                case KV_I8: ITEM(KV_I8); break;
+                default: ITEM(KV_F32); break;
             }
+#undef ITEM
         }
         free(scores);
     }

@@ -117,6 +117,42 @@ static inline vf vf_zero_below(vf x, vf value, vf lo) {
 }
 #endif
 
+/* Loads of VW KV-cache elements stored in a narrower type, widened to float:
+ * bfloat16 (the high half of a float), fp8 e4m3fn (4-bit exponent biased by 7, 3-bit
+ * mantissa; shifted into a float's exponent and mantissa and rescaled by 2^120, which
+ * also handles its subnormals), int8 (the caller applies the scale). */
+#if defined(PAGELLM_AVX512)
+static inline vf vf_load_bf16(const uint16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline vf vf_load_fp8(const uint8_t* p) {
+    __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    __m512i mag = _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x7F)), 20);
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0x80)), 24);
+    vf v = _mm512_mul_ps(_mm512_castsi512_ps(mag), _mm512_set1_ps(0x1p120f));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+static inline vf vf_load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+#else
+static inline vf vf_load_bf16(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline vf vf_load_fp8(const uint8_t* p) {
+    __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    __m256i mag = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7F)), 20);
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x80)), 24);
+    vf v = _mm256_mul_ps(_mm256_castsi256_ps(mag), _mm256_set1_ps(0x1p120f));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign));
+}
+static inline vf vf_load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+#endif
+
 /* exp(x) per lane: x = n ln2 + r, degree-6 polynomial on r (relative error about 2e-7
  * on [-87, 88]); below -87 it returns 0. */
 static inline vf vf_exp(vf x) {

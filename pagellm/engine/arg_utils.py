@@ -33,6 +33,7 @@ from pagellm.utils import parse_size, strict_kwargs
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
@@ -57,6 +58,10 @@ class EngineArgs:
     """Path to a Jinja chat template file (or the template text) overriding the model's."""
     dtype: str = "auto"
     """auto (float32 on CPU, bf16/fp16 on GPU), float32, bfloat16 or float16."""
+    quantization: str = "auto"
+    """auto (what the checkpoint holds), none, gguf, int8, int4, awq or gptq."""
+    quantization_group_size: int = 32
+    """int4: input channels per scale, 32 or 128."""
     max_model_len: int | None = None
     """Most tokens per request (prompt + output); default: the model's context length."""
     seed: int = 0
@@ -81,6 +86,8 @@ class EngineArgs:
     """Force the number of KV blocks."""
     enable_prefix_caching: bool = True
     """Reuse the KV of identical prompt prefixes."""
+    kv_cache_dtype: str = "auto"
+    """auto (the run dtype), float32, bfloat16, float16, fp8_e4m3 or int8."""
     max_num_seqs: int = 256
     """Most requests per step."""
     max_num_batched_tokens: int | None = None
@@ -124,6 +131,10 @@ class EngineArgs:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "num_threads", "num_gpu_blocks_override"):  # fmt: skip
             positive(name)
+        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.cpu_isa not in ("auto", "avx512", "avx2"):
             raise ValueError(f"cpu_isa must be auto, avx512 or avx2, got {self.cpu_isa!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -132,13 +143,21 @@ class EngineArgs:
             )
 
     def create_engine_config(self) -> EngineConfig:
-        from pagellm.models.loader import eos_token_ids, load_hf_config, resolve_model_path
+        from pagellm.models.loader import (
+            eos_token_ids,
+            load_hf_config,
+            resolve_model_path,
+            resolve_quantization,
+        )
 
         self._check()
         device = self._resolve_device()
         dtype = self._resolve_dtype(device)
         model_path = resolve_model_path(self.model, self.revision)
         hf_config, arch = load_hf_config(model_path)
+        quant = resolve_quantization(
+            self.quantization, model_path, hf_config, self.quantization_group_size
+        )
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048))
         window = getattr(hf_config, "sliding_window", None)
         if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
@@ -189,6 +208,7 @@ class EngineArgs:
             seed=self.seed,
             eos_token_ids=eos_token_ids(model_path, hf_config),
             chat_template=chat_template,
+            quantization=quant,
         )
         kv_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
         return EngineConfig(
@@ -199,6 +219,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -236,6 +257,12 @@ class EngineArgs:
         add("--served-model-name", default=None, help="name the model answers to")
         add("--chat-template", default=None, help="Jinja chat template file")
         add("--dtype", default="auto", choices=_DTYPES)
+        add("--quantization", default="auto",
+            choices=("auto", "none", "gguf", "int8", "int4", "awq", "gptq"),
+            help="weight storage: auto keeps what the checkpoint holds (GGUF blocks, AWQ/GPTQ "
+            "codes); none dequantizes to --dtype; int8/int4 quantize float weights at load")  # fmt: skip
+        add("--quantization-group-size", type=int, default=32, choices=(32, 128),
+            help="int4: input channels per scale")  # fmt: skip
         add("--max-model-len", type=int, default=None, help="most tokens per request")
         add("--seed", type=int, default=0, help="seed of the engine's random generator")
         add("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -249,6 +276,8 @@ class EngineArgs:
         add("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB (CPU default 4GiB)")
         add("--gpu-memory-utilization", type=float, default=0.9)
         add("--num-gpu-blocks-override", type=int, default=None)
+        add("--kv-cache-dtype", default="auto", choices=_KV_CACHE_DTYPES,
+            help="KV cache storage (auto: the run dtype; int8 keeps a scale per token and head)")  # fmt: skip
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
             help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
         add("--max-num-seqs", type=int, default=256, help="most requests per step")

@@ -15,6 +15,10 @@ for the token computed at batch row t.
 Every backend first writes the step's K/V into the cache, then attends through the
 block tables, so all layers see the same cache whatever mix of prefill and decode
 (or prefix-cache hits) the step holds.
+
+The cache may be stored in a narrower type than the run dtype (``--kv-cache-dtype``):
+bfloat16 / float16, fp8 e4m3 (values saturated at +-448, no scale, as vLLM's default),
+or int8 codes with a float scale per (token, KV head). Backends read it in place.
 """
 
 from __future__ import annotations
@@ -51,6 +55,64 @@ class AttentionMetadata:
     backend: AttentionBackend | None = None
     backend_data: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "int8": torch.int8,
+}
+# The element type codes of pagellm/csrc/cpu_ops.c (float16 has no native path).
+_NATIVE_KV_TYPES = {"float32": 0, "bfloat16": 1, "fp8_e4m3": 2, "int8": 3}
+FP8_MAX = 448.0
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's paged K and V: [num_blocks, block_size, num_kv_heads, head_dim] each,
+    plus a float scale per (block, row, KV head) for int8."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    dtype: str = "float32"
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store rows k/v [T, Hkv, D] (any float dtype) at the flat slots (torch ops)."""
+        for x, cache, scale in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            rows = cache.view(-1, *cache.shape[2:])
+            if self.dtype == "int8":
+                assert scale is not None
+                amax = x.float().abs().amax(dim=-1)
+                s = amax / 127
+                codes = torch.round(x.float() * torch.where(amax > 0, 127 / amax, 0)[..., None])
+                rows.index_copy_(0, slots, codes.to(torch.int8))
+                scale.view(-1, scale.shape[2]).index_copy_(0, slots, s)
+            elif self.dtype == "fp8_e4m3":
+                # torch's CPU index ops do not take float8: move the bytes as uint8.
+                val = x.float().clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
+                rows.view(torch.uint8).index_copy_(0, slots, val.view(torch.uint8))
+            else:
+                rows.index_copy_(0, slots, x.to(cache.dtype))
+
+    def read(self, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given blocks ([..., block_size, Hkv, D]) in ``dtype``."""
+        if self.dtype == "fp8_e4m3":
+            k = self.k.view(torch.uint8)[blocks].view(self.k.dtype).to(dtype)
+            v = self.v.view(torch.uint8)[blocks].view(self.v.dtype).to(dtype)
+        else:
+            k, v = self.k[blocks].to(dtype), self.v[blocks].to(dtype)
+        if self.dtype == "int8":
+            assert self.k_scale is not None and self.v_scale is not None
+            k = k * self.k_scale[blocks].to(dtype)[..., None]
+            v = v * self.v_scale[blocks].to(dtype)[..., None]
+        return k, v
 
 
 @dataclass
@@ -98,6 +160,7 @@ class AttentionBackend(abc.ABC):
         dtype: torch.dtype,
         head_dim: int,
         native_lib: ctypes.CDLL | None,
+        kv_cache_dtype: str = "float32",
     ) -> bool: ...
 
     def prepare(self, meta: AttentionMetadata) -> Any:
@@ -111,8 +174,7 @@ class AttentionBackend(abc.ABC):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerKVCache,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
@@ -135,12 +197,13 @@ def get_attention_backend(
     dtype: torch.dtype,
     head_dim: int,
     native_lib: ctypes.CDLL | None = None,
+    kv_cache_dtype: str = "float32",
 ) -> AttentionBackend:
     """Instantiate a backend by name; 'auto' picks the fastest one that supports the device."""
     if name == "auto":
         for candidate in ("cpu_native", "torch"):
             cls = ATTENTION_BACKENDS[candidate]
-            if cls.supports(device, dtype, head_dim, native_lib):
+            if cls.supports(device, dtype, head_dim, native_lib, kv_cache_dtype):
                 return cls(native_lib)
         raise ValueError(f"no attention backend supports {device} / {dtype}")
     if name not in ATTENTION_BACKENDS:
@@ -148,9 +211,10 @@ def get_attention_backend(
             f"unknown attention backend {name!r}; available: {', '.join(sorted(ATTENTION_BACKENDS))}"
         )
     cls = ATTENTION_BACKENDS[name]
-    if not cls.supports(device, dtype, head_dim, native_lib):
+    if not cls.supports(device, dtype, head_dim, native_lib, kv_cache_dtype):
         raise ValueError(
             f"attention backend {name!r} does not support {device} / {dtype} / head_dim={head_dim}"
+            f" / kv_cache_dtype={kv_cache_dtype}"
             + ("" if native_lib is not None else " without the native CPU kernels")
         )
     return cls(native_lib)
@@ -182,6 +246,7 @@ class TorchAttentionBackend(AttentionBackend):
         dtype: torch.dtype,
         head_dim: int,
         native_lib: ctypes.CDLL | None,
+        kv_cache_dtype: str = "float32",
     ) -> bool:
         return True
 
@@ -220,8 +285,7 @@ class TorchAttentionBackend(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerKVCache,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
@@ -230,10 +294,7 @@ class TorchAttentionBackend(AttentionBackend):
         T = q.shape[0]
         Hq, Hkv, D = num_heads, num_kv_heads, head_dim
         G = Hq // Hkv
-        k_rows = k_cache.view(-1, Hkv, D)
-        v_rows = v_cache.view(-1, Hkv, D)
-        k_rows.index_copy_(0, meta.slot_mapping, k.reshape(T, Hkv, D))
-        v_rows.index_copy_(0, meta.slot_mapping, v.reshape(T, Hkv, D))
+        cache.write(meta.slot_mapping, k.reshape(T, Hkv, D), v.reshape(T, Hkv, D))
         q = q.reshape(T, Hq, D)
         out = torch.empty_like(q)
         data: _TorchStepData = meta.backend_data
@@ -243,18 +304,21 @@ class TorchAttentionBackend(AttentionBackend):
             Bd, nblk = data.decode_tables.shape
             pad = data.decode_pad
             qd = q.index_select(0, data.decode_rows).view(Bd, Hkv, G, D)
-            kd = k_cache[data.decode_tables].view(Bd, nblk * bs, Hkv, D).transpose(1, 2)
+            kd, vd = cache.read(data.decode_tables, q.dtype)
             # Rows past a sequence's end hold whatever the block held before: zero them
             # so that even non-finite leftovers cannot leak through a zero probability.
-            vd = v_cache[data.decode_tables].view(Bd, nblk * bs, Hkv, D)
-            vd = vd.masked_fill_(pad[:, :, None, None], 0).transpose(1, 2)
+            kd = kd.view(Bd, nblk * bs, Hkv, D).masked_fill_(pad[:, :, None, None], 0)
+            kd = kd.transpose(1, 2)
+            vd = vd.view(Bd, nblk * bs, Hkv, D).masked_fill_(pad[:, :, None, None], 0)
+            vd = vd.transpose(1, 2)
             scores = torch.matmul(qd, kd.transpose(-1, -2)) * scale
             scores.masked_fill_(pad[:, None, None, :], float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out.index_copy_(0, data.decode_rows, torch.matmul(probs, vd).reshape(Bd, Hq, D))
         for start, end, seq_len, blocks, mask in data.prefills:
-            kp = k_cache[blocks].view(-1, Hkv, D)[:seq_len].transpose(0, 1)
-            vp = v_cache[blocks].view(-1, Hkv, D)[:seq_len].transpose(0, 1)
+            kb, vb = cache.read(blocks, q.dtype)
+            kp = kb.view(-1, Hkv, D)[:seq_len].transpose(0, 1)
+            vp = vb.view(-1, Hkv, D)[:seq_len].transpose(0, 1)
             qp = q[start:end].transpose(0, 1)
             if G > 1:
                 kp = kp.repeat_interleave(G, dim=0)
@@ -291,6 +355,7 @@ class CpuNativeAttentionBackend(AttentionBackend):
         dtype: torch.dtype,
         head_dim: int,
         native_lib: ctypes.CDLL | None,
+        kv_cache_dtype: str = "float32",
     ) -> bool:
         # The kernel works on 32-channel slices of each head.
         return (
@@ -298,6 +363,7 @@ class CpuNativeAttentionBackend(AttentionBackend):
             and dtype == torch.float32
             and head_dim % 32 == 0
             and native_lib is not None
+            and kv_cache_dtype in _NATIVE_KV_TYPES
         )
 
     def prepare(self, meta: AttentionMetadata) -> _NativeStepData:
@@ -316,8 +382,7 @@ class CpuNativeAttentionBackend(AttentionBackend):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerKVCache,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
@@ -327,16 +392,20 @@ class CpuNativeAttentionBackend(AttentionBackend):
         data: _NativeStepData = meta.backend_data
         lib = self._lib
         assert q.stride(1) == 1 and k.stride(1) == 1 and v.stride(1) == 1
-        lib.pagellm_write_kv_f32(
-            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
-            v_cache.data_ptr(), meta.slot_mapping.data_ptr(), T, num_kv_heads * head_dim,
+        kvt = _NATIVE_KV_TYPES[cache.dtype]
+        ks = None if cache.k_scale is None else cache.k_scale.data_ptr()
+        vs = None if cache.v_scale is None else cache.v_scale.data_ptr()
+        lib.pagellm_write_kv(
+            k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cache.k.data_ptr(),
+            cache.v.data_ptr(), ks, vs, meta.slot_mapping.data_ptr(), T, num_kv_heads, head_dim,
+            kvt,
         )  # fmt: skip
         out = torch.empty((T, num_heads * head_dim), dtype=q.dtype)
-        lib.pagellm_paged_attention_f32(
-            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        lib.pagellm_paged_attention(
+            q.data_ptr(), q.stride(0), cache.k.data_ptr(), cache.v.data_ptr(), ks, vs,
             data.block_tables.data_ptr(), data.block_tables.shape[1], data.seq_lens.data_ptr(),
             data.query_start_loc.data_ptr(), data.token_to_seq.data_ptr(), out.data_ptr(),
-            T, num_heads, num_kv_heads, head_dim, meta.block_size, meta.max_seq_len, scale,
+            T, num_heads, num_kv_heads, head_dim, meta.block_size, meta.max_seq_len, scale, kvt,
             ops.num_threads(),
         )  # fmt: skip
         return out
@@ -356,13 +425,12 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         # Bound by the worker once the KV cache is allocated (not parameters or buffers).
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.kv_cache = LayerKVCache(torch.empty(0), torch.empty(0))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_forward_context().attn_metadata
         assert meta.backend is not None
         return meta.backend.forward(
-            meta, q, k, v, self.k_cache, self.v_cache,
-            self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
+            meta, q, k, v, self.kv_cache, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.scale,
         )  # fmt: skip

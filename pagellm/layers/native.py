@@ -83,10 +83,17 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
     "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),
     "pagellm_silu_and_mul_f32": ([_P, _P, _I64, _I64, _INT], None),
-    "pagellm_write_kv_f32": ([_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64], None),
-    "pagellm_paged_attention_f32": ([
-        _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _P,
-        _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT,
+    "pagellm_write_kv": ([_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT], None),
+    "pagellm_q_has_vnni": ([], _INT),
+    "pagellm_q_tile_bytes": ([_INT, _INT, _INT], _I64),
+    "pagellm_quantize_q8": ([_P, _I64, _I64, _I64, _P, _P, _P, _INT], None),
+    "pagellm_qlinear": ([
+        _P, _P, _P, _I64, _I64, _P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT,
+    ], None),
+    "pagellm_q_dequant_rows": ([_P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT], None),
+    "pagellm_paged_attention": ([
+        _P, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,
+        _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT, _INT,
     ], None),
 }  # fmt: skip
 

@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagellm.layers.quantization.gguf import PLAIN_TYPES, GGUFRawTensor, dequantize_tensor
+
 logger = logging.getLogger(__name__)
 
-# Plain numeric tensor types gguf-py reads as numpy arrays but does not "dequantize".
-_PLAIN_TYPES = ("F64", "I8", "I16", "I32", "I64")
+# Types loaded as float tensors even for matrices (no blocks to keep).
+_FLOAT_TYPES = ("F32", "F16", "BF16", *PLAIN_TYPES)
 
 # GGUF architecture -> (HF architecture, transformers config class, q/k rows permuted)
 _ARCHS: dict[str, tuple[str, str, bool]] = {
@@ -82,32 +84,6 @@ def open_gguf(path: str) -> GGUFFile:
     """A GGUFFile, parsed once per process (parsing the metadata of a 49k-token
     vocabulary takes gguf-py seconds; config and weights both need it)."""
     return _open_cached(path, os.stat(path).st_mtime_ns)
-
-
-def dequantize_tensor(name: str, data: np.ndarray, tensor_type: Any) -> np.ndarray:
-    """float32 values of a GGUF tensor of any type gguf-py can dequantize (F32, F16, BF16,
-    Q4_0 ... Q8_0, the K-quants, the IQ types, TQ, MXFP4, ...) or read as plain numbers;
-    a ValueError names the tensor and the type otherwise."""
-    from gguf import quants
-
-    try:
-        return np.asarray(quants.dequantize(data, tensor_type), dtype=np.float32)
-    except NotImplementedError:
-        if tensor_type.name in _PLAIN_TYPES:
-            return np.asarray(data, dtype=np.float32)
-        raise ValueError(
-            f"GGUF tensor {name} has type {tensor_type.name}, which gguf-py {_gguf_version()} "
-            "cannot dequantize; convert the file to another type (llama-quantize)"
-        ) from None
-
-
-def _gguf_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("gguf")
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 class GGUFFile:
@@ -185,8 +161,10 @@ class GGUFFile:
             cfg.pagellm_rope_freq_factors = [float(x) for x in np.asarray(t.data).reshape(-1)]
         return cfg
 
-    def tensors(self, cfg: Any) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face name, float32 tensor) for every weight, dequantized."""
+    def tensors(self, cfg: Any) -> Iterator[tuple[str, torch.Tensor | GGUFRawTensor]]:
+        """(Hugging Face name, tensor) for every weight: matrices of a quantized type as
+        their raw blocks (``GGUFRawTensor``, rows in Hugging Face order), everything
+        else as a float32 tensor. Each layer's quantization method decides what to keep."""
         permute = _ARCHS[self.arch][2]
         n_heads = cfg.num_attention_heads
         n_kv = cfg.num_key_value_heads
@@ -195,6 +173,16 @@ class GGUFFile:
             if name is None:
                 if t.name != "rope_freqs.weight":
                     logger.debug("ignoring GGUF tensor %s", t.name)
+                continue
+            qtype = t.tensor_type.name
+            if len(t.shape) == 2 and qtype not in _FLOAT_TYPES:
+                raw = np.asarray(t.data)
+                if permute and name.endswith("q_proj.weight"):
+                    raw = unpermute_qk(raw, n_heads)
+                elif permute and name.endswith("k_proj.weight"):
+                    raw = unpermute_qk(raw, n_kv)
+                shape = (int(t.shape[1]), int(t.shape[0]))
+                yield name, GGUFRawTensor(t.name, qtype, np.ascontiguousarray(raw), shape)
                 continue
             arr = dequantize_tensor(t.name, t.data, t.tensor_type)
             if permute and name.endswith("q_proj.weight"):

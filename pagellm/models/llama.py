@@ -18,6 +18,7 @@ from pagellm.layers.activation import SiluAndMul
 from pagellm.layers.attention import Attention
 from pagellm.layers.linear import Linear, VocabEmbedding
 from pagellm.layers.norm import RMSNorm
+from pagellm.layers.quantization.base import as_float_tensor
 from pagellm.layers.rotary import RotaryEmbedding, get_rope_parameters
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg, qkv_bias, o_bias, qk_norm)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = (
-            None if self.tie_word_embeddings else VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+            None
+            if self.tie_word_embeddings
+            else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, role="lm_head")
         )
 
     @staticmethod
@@ -166,41 +169,43 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]  # type: ignore[union-attr,misc]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in; every parameter must be filled exactly once."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Take checkpoint tensors (floats, GGUF blocks or AWQ/GPTQ codes); every
+        parameter must be filled exactly once. Linear layers then repack (finalize)."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
-        missing: set[str] = set()
-        for pname in params:
-            module = modules[pname.rpartition(".")[0]]
-            if isinstance(module, Linear) and len(module.shards) > 1:
-                missing.update(f"{pname}#{s}" for s in module.shards)
-            else:
-                missing.add(pname)
+        linears = {name: m for name, m in modules.items() if isinstance(m, Linear)}
+        # Parameters outside Linear layers (norms) are copied here; Linears track theirs.
+        missing = {p for p in params if p.rpartition(".")[0] not in linears}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name.startswith("lm_head.") and self.lm_head is None:
                 continue  # tied to the embedding
             target, shard = name, None
             for ckpt, ours, shard_id in self.stacked_params:
                 if f".{ckpt}." in name:
                     target, shard = name.replace(f".{ckpt}.", f".{ours}."), shard_id
                     break
+            module_name, _, param_name = target.rpartition(".")
+            if module_name in linears:
+                linears[module_name].load_shard(param_name, tensor, shard)
+                continue
             if target not in params:
                 logger.debug("skipping checkpoint tensor %s", name)
                 continue
-            module_name, _, param_name = target.rpartition(".")
-            module = modules[module_name]
-            if isinstance(module, Linear):
-                module.load_shard(param_name, tensor, shard)
-            else:
-                param = params[target]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"{name}: checkpoint shape {tuple(tensor.shape)}, model {tuple(param.shape)}"
-                    )
-                param.data.copy_(tensor)
-            missing.discard(target if shard is None else f"{target}#{shard}")
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing)[:8])}")
+            param = params[target]
+            value = as_float_tensor(tensor)
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(param.shape)}"
+                )
+            param.data.copy_(value)
+            missing.discard(target)
+        gaps = sorted(missing) + [
+            f"{mname}.{entry}" for mname, m in linears.items() for entry in m.missing()
+        ]
+        if gaps:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(gaps[:8])}")
+        for m in linears.values():
+            m.finalize()

@@ -29,8 +29,10 @@ from pagellm.config import (
     DEFAULT_MODEL_DIST,
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_INSTALL,
+    QuantConfig,
 )
 from pagellm.layers.ops import use_native_kernels
+from pagellm.layers.quantization import use_quant_config
 from pagellm.models.gguf import open_gguf
 from pagellm.models.registry import check_architecture, get_model_class
 
@@ -149,8 +151,9 @@ def eos_token_ids(model_path: str, hf_config: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-def iter_weights(model_path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face tensor name, tensor) pairs from a GGUF file or checkpoint directory."""
+def iter_weights(model_path: str, hf_config: Any) -> Iterator[tuple[str, Any]]:
+    """(Hugging Face tensor name, tensor) pairs from a GGUF file (quantized matrices as
+    their raw blocks) or a checkpoint directory."""
     if model_path.endswith(".gguf"):
         yield from open_gguf(model_path).tensors(hf_config)
         return
@@ -188,19 +191,89 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     native_lib: ctypes.CDLL | None,
+    quant_config: QuantConfig | None = None,
 ) -> nn.Module:
-    """Construct the network on ``device`` in ``dtype`` and load its weights."""
+    """Construct the network on ``device`` in ``dtype`` and load its weights, stored as
+    ``quant_config`` says (default: unquantized)."""
     start = time.perf_counter()
     cls = get_model_class(architecture)
-    # Parameters are created empty (no random init) directly on the device.
-    with torch.device(device), _default_dtype(dtype), use_native_kernels(native_lib):
+    qc = quant_config or QuantConfig()
+    # Parameters are created empty (no random init) directly on the device; tensors are
+    # converted to the run dtype where they are copied in.
+    with (
+        torch.device(device),
+        _default_dtype(dtype),
+        use_native_kernels(native_lib),
+        use_quant_config(qc),
+    ):
         model = cls(hf_config)
-    model.load_weights(  # type: ignore[operator]
-        (name, t.to(dtype)) for name, t in iter_weights(model_path, hf_config)
-    )
+        model.load_weights(iter_weights(model_path, hf_config))  # type: ignore[operator]
     model.eval()
     logger.info(
-        "loaded %s (%s) in %.1f s", os.path.basename(model_path), architecture,
-        time.perf_counter() - start,
+        "loaded %s (%s, quantization %s) in %.1f s", os.path.basename(model_path), architecture,
+        qc.method, time.perf_counter() - start,
     )  # fmt: skip
     return model
+
+
+def resolve_quantization(
+    requested: str, model_path: str, hf_config: Any, group_size: int = 32
+) -> QuantConfig:
+    """What ``--quantization`` means for this checkpoint. auto keeps what it holds: GGUF
+    blocks, AWQ/GPTQ codes, or plain floating point ("none")."""
+    from pagellm.layers.quantization import QUANTIZATION_CHOICES
+    from pagellm.layers.quantization.awq import check_awq_config
+    from pagellm.layers.quantization.gptq import check_gptq_config
+
+    if requested not in QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {requested!r}"
+        )
+    raw = getattr(hf_config, "quantization_config", None)
+    ckpt: dict[str, Any] = dict(
+        raw if isinstance(raw, dict) else getattr(raw, "__dict__", {}) or {}
+    )
+    ckpt_method = ckpt.get("quant_method")
+    if ckpt_method is not None:
+        ckpt_method = str(getattr(ckpt_method, "value", ckpt_method)).lower()
+        if ckpt_method not in ("awq", "gptq"):
+            raise ValueError(
+                f"the checkpoint is quantized with {ckpt_method!r}; pagellm reads awq and gptq"
+            )
+        if ckpt_method == "awq":
+            check_awq_config(ckpt)
+        else:
+            check_gptq_config(ckpt)
+    is_gguf = model_path.endswith(".gguf")
+    method = requested
+    if requested == "auto":
+        method = "gguf" if is_gguf else (ckpt_method or "none")
+    elif requested == "gguf" and not is_gguf:
+        raise ValueError("quantization='gguf' needs a .gguf model file")
+    elif requested in ("awq", "gptq") and ckpt_method != requested:
+        raise ValueError(
+            f"quantization={requested!r} needs a checkpoint whose config.json has a "
+            f"{requested} quantization_config"
+        )
+    elif requested in ("int8", "int4", "gguf") and ckpt_method is not None:
+        raise ValueError(
+            f"the checkpoint is already quantized with {ckpt_method}; use quantization "
+            f"'auto' (or 'none' to dequantize it)"
+        )
+    if method == "int4" and group_size not in (32, 128):
+        raise ValueError(f"quantization_group_size must be 32 or 128, got {group_size}")
+    return QuantConfig(
+        method=method, group_size=group_size, checkpoint_method=ckpt_method, checkpoint=ckpt
+    )
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight a forward pass may read: parameters and persistent buffers
+    (packed quantized runs), not caches such as the rotary table."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        skip = module._non_persistent_buffers_set
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in skip:
+                total += buf.numel() * buf.element_size()
+    return total

@@ -1,6 +1,7 @@
 """The memory plan and the paged KV tensors.
 
-One (K, V) pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``,
+One (K, V) pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]`` in
+the KV cache dtype (int8 adds a float32 scale per token and KV head to each),
 allocated once at start-up from a byte budget. On CPU the budget is
 ``kv_cache_memory`` (4 GiB by default); on CUDA it is what is left of
 ``gpu_memory_utilization`` x total memory after weights and the activation peak of a
@@ -16,16 +17,19 @@ from typing import Any
 import torch
 
 from pagellm.config import DEFAULT_CPU_KV_CACHE_MEMORY, CacheConfig
+from pagellm.layers.attention import KV_CACHE_DTYPES, LayerKVCache
 from pagellm.models.llama import head_dim_of
 from pagellm.utils import format_bytes
 
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(hf_config: Any, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(hf_config: Any, kv_cache_dtype: str) -> int:
+    """K and V bytes of one token over all layers (int8: codes plus a scale per head)."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return int(hf_config.num_hidden_layers * 2 * num_kv_heads * head_dim_of(hf_config) * elem)
+    elem = torch.empty(0, dtype=KV_CACHE_DTYPES[kv_cache_dtype]).element_size()
+    per_head = head_dim_of(hf_config) * elem + (4 if kv_cache_dtype == "int8" else 0)
+    return int(hf_config.num_hidden_layers * 2 * num_kv_heads * per_head)
 
 
 @dataclass(frozen=True)
@@ -63,13 +67,12 @@ class KVCachePlan:
 def plan_kv_cache(
     hf_config: Any,
     cache_config: CacheConfig,
-    dtype: torch.dtype,
     device: torch.device,
     max_model_len: int,
     weight_bytes: int,
     profiled_peak_bytes: int = 0,
 ) -> KVCachePlan:
-    per_token = kv_bytes_per_token(hf_config, dtype)
+    per_token = kv_bytes_per_token(hf_config, cache_config.kv_cache_dtype)
     per_block = per_token * cache_config.block_size
     if cache_config.kv_cache_memory is not None:
         budget = int(cache_config.kv_cache_memory)
@@ -106,9 +109,9 @@ def plan_kv_cache(
 
 
 def allocate_kv_cache(
-    plan: KVCachePlan, hf_config: Any, dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One (K, V) pair per layer.
+    plan: KVCachePlan, hf_config: Any, kv_cache_dtype: str, device: torch.device
+) -> list[LayerKVCache]:
+    """One LayerKVCache per layer.
 
     On CPU the tensors are left uninitialised, so start-up does not commit the whole
     budget (the OS hands out pages as they are first written); every backend reads only
@@ -117,9 +120,19 @@ def allocate_kv_cache(
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     shape = (plan.num_blocks, plan.block_size, num_kv_heads, head_dim_of(hf_config))
     alloc = torch.zeros if device.type == "cuda" else torch.empty
+    dtype = KV_CACHE_DTYPES[kv_cache_dtype]
     caches = []
     for _ in range(hf_config.num_hidden_layers):
+        scales: list[torch.Tensor | None] = [None, None]
+        if kv_cache_dtype == "int8":
+            scales = [alloc(shape[:3], dtype=torch.float32, device=device) for _ in range(2)]
         caches.append(
-            (alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
+            LayerKVCache(
+                alloc(shape, dtype=dtype, device=device),
+                alloc(shape, dtype=dtype, device=device),
+                scales[0],
+                scales[1],
+                kv_cache_dtype,
+            )
         )
     return caches

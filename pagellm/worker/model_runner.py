@@ -30,11 +30,12 @@ from pagellm.core.sched_output import (
 from pagellm.layers import native
 from pagellm.layers.attention import (
     AttentionMetadata,
+    LayerKVCache,
     get_attention_backend,
     set_forward_context,
 )
 from pagellm.models.llama import head_dim_of
-from pagellm.models.loader import build_model
+from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
@@ -96,24 +97,26 @@ class ModelRunner:
             self.native_lib = native.load(None if isa == "auto" else isa)
         self.attn_backend = get_attention_backend(
             config.device.attention_backend, self.device, self.dtype,
-            head_dim_of(config.model.hf_config), self.native_lib,
+            head_dim_of(config.model.hf_config), self.native_lib, config.cache.kv_cache_dtype,
         )  # fmt: skip
         mc = config.model
         self.model = build_model(
-            mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib
-        )
+            mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib,
+            mc.quantization,
+        )  # fmt: skip
         self.vocab_size = int(mc.hf_config.vocab_size)
         self.block_size = config.cache.block_size
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = model_weight_bytes(self.model)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mc.seed)
         self.sampler = Sampler(generator)
         self.requests: dict[str, CachedRequestState] = {}
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
         logger.info(
-            "model runner: device=%s dtype=%s attention=%s native kernels=%s threads=%d",
-            self.device, mc.dtype, self.attn_backend.name,
+            "model runner: device=%s dtype=%s quantization=%s (%.1f MB of weights) attention=%s "
+            "native kernels=%s threads=%d",
+            self.device, mc.dtype, mc.quantization.method, self.weight_bytes / 1e6, self.attn_backend.name,
             self.native_lib.pagellm_isa().decode() if self.native_lib is not None else "off",
             torch.get_num_threads(),
         )  # fmt: skip
@@ -125,18 +128,17 @@ class ModelRunner:
         peak = 0
         if self.device.type == "cuda":
             peak = self._profile_peak_memory()
+        kv_dtype = self.config.cache.kv_cache_dtype
         self.plan = plan_kv_cache(
-            mc.hf_config, self.config.cache, self.dtype, self.device, mc.max_model_len,
-            self.weight_bytes, peak,
+            mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
         )  # fmt: skip
-        self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, self.dtype, self.device))
+        self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
         return self.plan
 
-    def _bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
         self.kv_caches = caches
-        for layer, (k, v) in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
-            layer.k_cache = k
-            layer.v_cache = v
+        for layer, cache in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
+            layer.kv_cache = cache
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
@@ -146,7 +148,9 @@ class ModelRunner:
         nblk = -(-n // self.block_size)
         scratch = KVCachePlan(0, 0, self.block_size, nblk, 0, n)
         self._bind_kv_cache(
-            allocate_kv_cache(scratch, self.config.model.hf_config, self.dtype, self.device)
+            allocate_kv_cache(
+                scratch, self.config.model.hf_config, self.config.cache.kv_cache_dtype, self.device
+            )
         )
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -170,9 +174,9 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        for cache in self.kv_caches:
+            for t in cache.tensors():
+                t[dst] = t[src]
 
     # ---- state updates --------------------------------------------------------------
 

@@ -13,8 +13,10 @@ import torch
 
 from pagellm.layers import native, ops
 from pagellm.layers.attention import (
+    KV_CACHE_DTYPES,
     AttentionMetadata,
     CpuNativeAttentionBackend,
+    LayerKVCache,
     TorchAttentionBackend,
 )
 from pagellm.layers.rotary import RotaryEmbedding
@@ -125,8 +127,36 @@ def _mixed_batch(block_size: int) -> tuple[list[int], list[int], list[list[int]]
     return q_lens, seq_lens, tables, sum(need) + 5
 
 
+def _cache_of(values_k: torch.Tensor, values_v: torch.Tensor, kv_dtype: str) -> LayerKVCache:
+    """A cache of ``kv_dtype`` holding the given float contents (quantized by torch)."""
+    shape = values_k.shape
+    dtype = KV_CACHE_DTYPES[kv_dtype]
+    scales = [torch.zeros(shape[:3]) for _ in range(2)] if kv_dtype == "int8" else [None, None]
+    cache = LayerKVCache(
+        torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), *scales, dtype=kv_dtype
+    )
+    slots = torch.arange(shape[0] * shape[1])
+    cache.write(slots, values_k.view(-1, *shape[2:]), values_v.view(-1, *shape[2:]))
+    return cache
+
+
+def _clone(cache: LayerKVCache) -> LayerKVCache:
+    return LayerKVCache(
+        *(
+            None if t is None else t.clone()
+            for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)
+        ),
+        dtype=cache.dtype,
+    )  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("Hq", "Hkv", "D"), [(9, 3, 64), (4, 4, 32), (8, 1, 64), (10, 2, 128)])
-def test_paged_attention_matches_torch_backend(lib: ctypes.CDLL, Hq: int, Hkv: int, D: int) -> None:
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "fp8_e4m3", "int8"])
+def test_paged_attention_matches_torch_backend(
+    lib: ctypes.CDLL, Hq: int, Hkv: int, D: int, kv_dtype: str
+) -> None:
+    """The C kernel and the torch backend write the same cache bytes (every KV dtype) and
+    attend to the same result; in float32 both equal plain attention over the context."""
     bs = 16
     q_lens, seq_lens, tables, num_blocks = _mixed_batch(bs)
     T = sum(q_lens)
@@ -141,9 +171,10 @@ def test_paged_attention_matches_torch_backend(lib: ctypes.CDLL, Hq: int, Hkv: i
     g = torch.Generator().manual_seed(1)
     k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
     v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
+    start = _cache_of(k_cache, v_cache, kv_dtype)
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
     q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-    outs = {}
+    outs, caches = {}, {}
     backends = {"cpu_native": CpuNativeAttentionBackend(lib), "torch": TorchAttentionBackend()}
     for name, backend in backends.items():
         meta = AttentionMetadata(
@@ -152,16 +183,18 @@ def test_paged_attention_matches_torch_backend(lib: ctypes.CDLL, Hq: int, Hkv: i
             np.array(seq_lens), backend,
         )  # fmt: skip
         meta.backend_data = backend.prepare(meta)
-        kc, vc = k_cache.clone(), v_cache.clone()
-        outs[name] = backend.forward(meta, q, k, v, kc, vc, Hq, Hkv, D, D**-0.5)
-        # The step's K/V landed in the cache at the slots.
-        torch.testing.assert_close(kc.view(-1, Hkv, D)[slots], k.reshape(T, Hkv, D))
-        torch.testing.assert_close(vc.view(-1, Hkv, D)[slots], v.reshape(T, Hkv, D))
+        caches[name] = cache = _clone(start)
+        outs[name] = backend.forward(meta, q, k, v, cache, Hq, Hkv, D, D**-0.5)
+    for a, b in zip(caches["cpu_native"].tensors(), caches["torch"].tensors()):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     torch.testing.assert_close(outs["cpu_native"], outs["torch"], atol=2e-5, rtol=2e-5)
+    if kv_dtype != "float32":
+        return
+    # The step's K/V landed in the cache at the slots.
+    kc, vc = caches["torch"].k, caches["torch"].v
+    torch.testing.assert_close(kc.view(-1, Hkv, D)[slots], k.reshape(T, Hkv, D))
+    torch.testing.assert_close(vc.view(-1, Hkv, D)[slots], v.reshape(T, Hkv, D))
     # And both equal plain attention over the gathered context.
-    kc, vc = k_cache.clone(), v_cache.clone()
-    kc.view(-1, Hkv, D)[slots] = k.reshape(T, Hkv, D)
-    vc.view(-1, Hkv, D)[slots] = v.reshape(T, Hkv, D)
     G = Hq // Hkv
     for s, (ql, sl) in enumerate(zip(q_lens, seq_lens)):
         ctx_k = torch.cat([kc[b] for b in tables[s]])[:sl].repeat_interleave(G, dim=1)

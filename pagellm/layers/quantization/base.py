@@ -1,0 +1,264 @@
+"""The LinearMethod interface, the unquantized method, and the shared machinery of the
+quantized ones.
+
+A quantized layer's weights end up as *runs*: consecutive output rows stored in one
+format (a merged q/k/v projection whose shards share a format is one run; a GGUF file
+that stores v in another type than q and k gives two). Each run is a ``PackedWeight``
+(native kernels), a ``TorchPackedWeight`` (torch path) or a plain float matrix (types
+without a kernel), optionally with a permutation of the input channels (GPTQ act-order):
+
+    output rows:   [ run 0: q, k (Q4_K)   | run 1: v (Q6_K) ]
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pagellm.layers import ops
+from pagellm.layers.quantization.packed import (
+    BlockCodes,
+    PackedWeight,
+    QuantizedActivations,
+    TorchPackedWeight,
+)
+
+if TYPE_CHECKING:
+    from pagellm.config import QuantConfig
+    from pagellm.layers.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+# name -> (module under pagellm.layers.quantization, class)
+_METHODS: dict[str, tuple[str, str]] = {
+    "none": ("base", "UnquantizedLinearMethod"),
+    "gguf": ("gguf", "GGUFLinearMethod"),
+    "int8": ("int8", "Int8LinearMethod"),
+    "int4": ("int4", "Int4LinearMethod"),
+    "awq": ("awq", "AWQLinearMethod"),
+    "gptq": ("gptq", "GPTQLinearMethod"),
+}
+
+
+def get_method_class(name: str) -> type[LinearMethod]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; available: {', '.join(_METHODS)}")
+    module, cls = _METHODS[name]
+    return getattr(importlib.import_module(f"pagellm.layers.quantization.{module}"), cls)  # type: ignore[no-any-return]
+
+
+class LinearMethod(abc.ABC):
+    """Creates, loads and applies one layer's weights. One instance per layer."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def create_weights(self, layer: Linear) -> None:
+        """Allocate what is known before loading (called from Linear.__init__)."""
+
+    @abc.abstractmethod
+    def load(self, layer: Linear, param_name: str, tensor: Any, shard: str) -> None:
+        """Take one checkpoint tensor (``weight``, ``qweight``, ...) of one shard."""
+
+    def finalize(self, layer: Linear) -> None:  # noqa: B027 (most methods need no step)
+        """Called once every tensor is loaded (repacking happens here)."""
+
+    @abc.abstractmethod
+    def missing(self, layer: Linear) -> list[str]:
+        """Shards (or parameters) the checkpoint has not filled."""
+
+    @abc.abstractmethod
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x[M, in] -> [M, out] (bias included)."""
+
+    @abc.abstractmethod
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight (the layer used as an embedding table)."""
+
+    def describe(self, layer: Linear) -> str:
+        return self.name
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """``weight[out, in]`` in the run dtype; quantized checkpoint tensors are dequantized."""
+
+    name = "none"
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.weight = torch.nn.Parameter(
+            torch.empty(layer.out_features, layer.in_features), requires_grad=False
+        )
+        layer.loaded_shards = set()
+
+    def load(self, layer: Linear, param_name: str, tensor: Any, shard: str) -> None:
+        if param_name != "weight":
+            raise ValueError(f"{param_name!r} tensors need a quantized method, not 'none'")
+        value = as_float_tensor(tensor)
+        start, size = layer.shards[shard]
+        if tuple(value.shape) != (size, layer.in_features):
+            raise ValueError(
+                f"shape mismatch: checkpoint {tuple(value.shape)} vs {(size, layer.in_features)}"
+            )
+        layer.weight.data[start : start + size].copy_(value)
+        layer.loaded_shards.add(shard)
+
+    def missing(self, layer: Linear) -> list[str]:
+        return [f"weight#{s}" for s in layer.shards if s not in layer.loaded_shards]
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, layer.weight, layer.bias, layer._lib)
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+
+def as_float_tensor(tensor: Any) -> torch.Tensor:
+    """A checkpoint tensor as float32 (GGUF blocks dequantized)."""
+    from pagellm.layers.quantization.gguf import GGUFRawTensor
+
+    if isinstance(tensor, GGUFRawTensor):
+        return torch.from_numpy(tensor.dequantize())
+    if isinstance(tensor, np.ndarray):
+        return torch.from_numpy(np.asarray(tensor, dtype=np.float32))
+    return tensor.float()
+
+
+@dataclass
+class Run:
+    start: int
+    end: int
+    weight: PackedWeight | TorchPackedWeight | torch.Tensor
+    perm: torch.Tensor | None = None
+    """Input channels in the order the codes use (GPTQ act-order); None: as they come."""
+
+
+ShardWeight = BlockCodes | torch.Tensor | tuple[BlockCodes, np.ndarray]
+
+
+class QuantizedLinearMethod(LinearMethod):
+    """Stage each shard's checkpoint tensors; at finalize turn each shard into block codes
+    (``to_codes``), merge consecutive shards of one format into runs and pack them."""
+
+    required: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.staged = {s: {} for s in layer.shards}
+        layer.runs = []
+
+    def load(self, layer: Linear, param_name: str, tensor: Any, shard: str) -> None:
+        if param_name not in (*self.required, "weight"):
+            raise ValueError(f"unexpected checkpoint tensor {param_name!r} for {self.name}")
+        layer.staged[shard][param_name] = tensor
+
+    def _complete(self, staged: dict[str, Any]) -> bool:
+        return "weight" in staged or all(p in staged for p in self.required)
+
+    def missing(self, layer: Linear) -> list[str]:
+        if not hasattr(layer, "staged"):
+            return []
+        return [
+            f"{'/'.join(self.required)}#{s}"
+            for s, st in layer.staged.items()
+            if not self._complete(st)
+        ]
+
+    @abc.abstractmethod
+    def to_codes(self, layer: Linear, shard: str, staged: dict[str, Any]) -> ShardWeight:
+        """The shard as block codes (optionally with an input permutation), or as a float
+        matrix where the method has no kernel for what the checkpoint holds."""
+
+    def finalize(self, layer: Linear) -> None:
+        items: list[tuple[int, int, ShardWeight]] = []
+        for shard, (start, size) in layer.shards.items():
+            w = self.to_codes(layer, shard, layer.staged[shard])
+            items.append((start, start + size, w))
+        del layer.staged
+        runs: list[tuple[int, int, list[ShardWeight]]] = []
+        for start, end, w in items:
+            if runs and _same_format(runs[-1][2][-1], w):
+                runs[-1] = (runs[-1][0], end, [*runs[-1][2], w])
+            else:
+                runs.append((start, end, [w]))
+        lib = layer._lib
+        device, dtype = layer.bias_device_dtype()
+        for i, (start, end, parts) in enumerate(runs):
+            first = parts[0]
+            perm = None
+            if isinstance(first, tuple):
+                first, perm_np = first
+                perm = torch.from_numpy(perm_np).to(device)
+            if isinstance(first, BlockCodes):
+                bc = BlockCodes.concat([p[0] if isinstance(p, tuple) else p for p in parts])  # type: ignore[misc]
+                weight: PackedWeight | TorchPackedWeight | torch.Tensor
+                if lib is not None and device.type == "cpu":
+                    weight = PackedWeight(bc, lib)
+                    layer.register_buffer(f"run{i}", weight.data)
+                else:
+                    weight = TorchPackedWeight(bc, device, dtype)
+                    layer.register_buffer(f"run{i}", weight.codes)
+            else:
+                weight = torch.cat([as_float_tensor(p) for p in parts]).to(
+                    device=device, dtype=dtype
+                )
+                layer.register_buffer(f"run{i}", weight)
+            layer.runs.append(Run(start, end, weight, perm))
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        runs: list[Run] = layer.runs
+        bias = layer.bias
+        if len(runs) == 1 and isinstance(runs[0].weight, torch.Tensor):
+            return ops.linear(x, runs[0].weight, bias, layer._lib)
+        y = torch.empty((x.shape[0], layer.out_features), dtype=x.dtype, device=x.device)
+        quantized: dict[int, QuantizedActivations] = {}
+        for run in runs:
+            out = y[:, run.start : run.end]
+            b = None if bias is None else bias[run.start : run.end]
+            w = run.weight
+            xin = x if run.perm is None else x.index_select(1, run.perm)
+            if isinstance(w, PackedWeight):
+                key = id(run.perm) if run.perm is not None else 0
+                if key not in quantized:
+                    xc = xin if xin.stride(1) == 1 else xin.contiguous()
+                    quantized[key] = QuantizedActivations.of(xc, w._lib)
+                w.matmul_into(quantized[key], out, b)
+            elif isinstance(w, TorchPackedWeight):
+                out.copy_(F.linear(xin, w.dequantize(), b))
+            else:
+                out.copy_(ops.linear(xin, w, b, layer._lib))
+        return y
+
+    def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        (run,) = layer.runs
+        w = run.weight
+        if isinstance(w, torch.Tensor):
+            return F.embedding(ids, w)
+        _, dtype = layer.bias_device_dtype()
+        return w.dequantize_rows(ids).to(dtype)
+
+    def describe(self, layer: Linear) -> str:
+        parts = []
+        for run in layer.runs:
+            w = run.weight
+            if isinstance(w, (PackedWeight, TorchPackedWeight)):
+                parts.append(f"{w.kind}x{w.nsub}")
+            else:
+                parts.append(str(w.dtype).replace("torch.", ""))
+        return f"{self.name}[{','.join(parts)}]"
+
+
+def _same_format(a: ShardWeight, b: ShardWeight) -> bool:
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return False  # each permuted shard has its own input order
+    if isinstance(a, BlockCodes) and isinstance(b, BlockCodes):
+        return a.format == b.format
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
