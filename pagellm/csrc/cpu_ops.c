@@ -426,20 +426,23 @@ static inline __attribute__((always_inline)) void pv_slice(
         for (int i = 0; i < SV; i++) vf_store(out + g * D + i * VW, acc[g][i]);
 }
 
+/* One work item: token t, KV head kh, and query heads g0 .. g0 + G - 1 of its group (the
+ * whole group, or a single head when there are too few tokens to keep every thread busy:
+ * each head's arithmetic is the same either way). */
 static inline __attribute__((always_inline)) void attention_item(
     const float* q, int64_t ldq, const void* k_cache, const void* v_cache, const float* k_scale,
     const float* v_scale, const int32_t* block_tables, int64_t max_blocks, const int32_t* seq_lens,
-    const int32_t* query_start_loc, const int32_t* token_to_seq, float* out, int64_t item,
-    int64_t Hq, int64_t Hkv, int64_t D, int64_t block_size, float scale, float* scores, int kvt) {
-    const int64_t G = Hq / Hkv;
+    const int32_t* query_start_loc, const int32_t* token_to_seq, float* out, int64_t t,
+    int64_t kh, int64_t g_first, int64_t G, int64_t Hq, int64_t Hkv, int64_t D,
+    int64_t block_size, float scale, float* scores, int kvt) {
+    const int64_t group = Hq / Hkv;
     const int64_t row = Hkv * D; /* elements per cache row (one token) */
-    int64_t t = item / Hkv, kh = item % Hkv;
     int64_t s = token_to_seq[t];
     int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
     int64_t pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
     int64_t ctx = pos + 1;
     const int32_t* bt = block_tables + s * max_blocks;
-    const float* qs = q + t * ldq + kh * G * D;
+    const float* qs = q + t * ldq + (kh * group + g_first) * D;
     attn_scores(qs, G, D, k_cache, k_scale, bt, block_size, row, Hkv, kh, ctx, scale, scores, kvt);
     softmax_rows(scores, G, ctx);
     if (kvt == KV_I8) {
@@ -450,7 +453,7 @@ static inline __attribute__((always_inline)) void attention_item(
                 for (int64_t g = 0; g < G; g++) scores[g * ctx + j0 + r] *= vs[r * Hkv];
         }
     }
-    float* o = out + (t * Hq + kh * G) * D;
+    float* o = out + (t * Hq + kh * group + g_first) * D;
     for (int64_t g0 = 0; g0 < G; g0 += 3) {
         int gc = G - g0 < 3 ? (int)(G - g0) : 3;
         for (int64_t d0 = 0; d0 < D; d0 += 32)
@@ -470,16 +473,22 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
                              const int32_t* token_to_seq, float* out, int64_t T, int64_t Hq,
                              int64_t Hkv, int64_t D, int64_t block_size, int64_t max_seq_len,
                              float scale, int kvt, int nthreads) {
-    const int64_t G = Hq / Hkv;
+    const int64_t group = Hq / Hkv;
+    /* Whole GQA groups share each K/V row; split them only when a decode batch has fewer
+     * (token, KV head) items than twice the threads. */
+    const int64_t G = T * Hkv >= 2 * nthreads ? group : 1;
+    const int64_t per_head = group / G;
 #pragma omp parallel num_threads(nthreads)
     {
         float* scores = (float*)malloc(sizeof(float) * (size_t)(G * (max_seq_len + 8)));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < T * Hkv; item++) {
+        for (int64_t item = 0; item < T * Hkv * per_head; item++) {
+            int64_t t = item / (Hkv * per_head), rest = item % (Hkv * per_head);
+            int64_t kh = rest / per_head, g_first = (rest % per_head) * G;
 #define ITEM(KVT)                                                                              \
     attention_item(q, ldq, k_cache, v_cache, k_scale, v_scale, block_tables, max_blocks,       \
-                   seq_lens, query_start_loc, token_to_seq, out, item, Hq, Hkv, D, block_size, \
-                   scale, scores, KVT)
+                   seq_lens, query_start_loc, token_to_seq, out, t, kh, g_first, G, Hq, Hkv, D, \
+                   block_size, scale, scores, KVT)
             switch (kvt) {
                 case KV_BF16: ITEM(KV_BF16); break;
                 case KV_FP8: ITEM(KV_FP8); break;

@@ -59,8 +59,14 @@ static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 
 int pagellm_q_has_vnni(void) { return HAVE_VNNI; }
 
+/* Independent integer accumulators per row: vpdpbusd's chain is long (its latency), the
+ * maddubs/madd path's is a single add. */
+#define NPAR (HAVE_VNNI ? 2 : 1)
+
 /* Rows of activations handled together (each needs two registers). */
-#if defined(PAGELLM_AVX512)
+#if defined(MR_OVERRIDE)
+#define MR MR_OVERRIDE
+#elif defined(PAGELLM_AVX512)
 #define MR 8
 #else
 #define MR 4
@@ -138,21 +144,25 @@ static inline __attribute__((always_inline)) void qgroup(
         const uint8_t* t = tiles + b * tile;
         const uint8_t* sc = t + code_bytes(kind);
         const uint8_t* mn = sc + nsub * 8 * ssz;
-        __m256i isum[MR][2];
-        for (int i = 0; i < mr; i++) isum[i][0] = isum[i][1] = _mm256_setzero_si256();
+        /* Integer sums per row, per half-block (nsub = 2) and per quad parity: two
+         * independent chains halve the dependency on vpdpbusd's latency; integer sums
+         * are exact, so how they are split changes nothing. */
+        __m256i isum[MR][2][2];
+        for (int i = 0; i < mr; i++)
+            isum[i][0][0] = isum[i][0][1] = isum[i][1][0] = isum[i][1][1] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
             __m256i w = code_quad(t, kind, j);
-            int h = nsub == 2 ? j >> 2 : 0;
+            int h = nsub == 2 ? j >> 2 : 0, par = NPAR == 2 ? j & 1 : 0;
             if (kind == KIND_S8) {
                 __m256i aw = _mm256_sign_epi8(w, w);
                 for (int i = 0; i < mr; i++) {
                     __m256i xv = _mm256_set1_epi32(*(const int32_t*)(xq + (m0 + i) * K + b * 32 + 4 * j));
-                    isum[i][h] = dpbusd(isum[i][h], aw, _mm256_sign_epi8(xv, w));
+                    isum[i][h][par] = dpbusd(isum[i][h][par], aw, _mm256_sign_epi8(xv, w));
                 }
             } else {
                 for (int i = 0; i < mr; i++) {
                     __m256i xv = _mm256_set1_epi32(*(const int32_t*)(xq + (m0 + i) * K + b * 32 + 4 * j));
-                    isum[i][h] = dpbusd(isum[i][h], w, xv);
+                    isum[i][h][par] = dpbusd(isum[i][h][par], w, xv);
                 }
             }
         }
@@ -162,7 +172,8 @@ static inline __attribute__((always_inline)) void qgroup(
             for (int i = 0; i < mr; i++) {
                 int64_t m = m0 + i;
                 __m256 dx = _mm256_set1_ps(xd[m * nb + b]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i][h]), _mm256_mul_ps(s, dx), acc[i]);
+                __m256i dot = _mm256_add_epi32(isum[i][h][0], isum[i][h][1]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, dx), acc[i]);
                 if (kind != KIND_S8) {
                     const float* sx = xs + m * nb * 2 + 2 * b;
                     float sum = nsub == 2 ? sx[h] : sx[0] + sx[1];
@@ -189,8 +200,19 @@ static inline __attribute__((always_inline)) void qlinear_impl(
         int nvalid = N - g * 8 < 8 ? (int)(N - g * 8) : 8;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            qgroup(w + g * gbytes, nb, kind, nsub, f16, xq, xd, xs, K, m0, mr, y, ldy, g * 8, nvalid,
-                   bias);
+            /* A literal row count per case: the accumulators live in registers. */
+#define QG(R)                                                                                   \
+    case R:                                                                                     \
+        qgroup(w + g * gbytes, nb, kind, nsub, f16, xq, xd, xs, K, m0, R, y, ldy, g * 8, nvalid, \
+               bias);                                                                           \
+        break
+            switch (mr) {
+                QG(1); QG(2); QG(3); QG(4);
+#if MR > 4
+                QG(5); QG(6); QG(7); QG(8);
+#endif
+            }
+#undef QG
         }
     }
 }
@@ -251,4 +273,30 @@ void pagellm_q_dequant_rows(const uint8_t* w, int64_t K, int kind, int nsub, int
             }
         }
     }
+}
+
+/* A packed matrix as the Python side describes it once (passed by pointer, so that a
+ * call converts few arguments). */
+typedef struct {
+    const uint8_t* data;
+    int64_t n, k;
+    int32_t kind, nsub, f16, pad_;
+    const float* bias;
+} pagellm_qweight;
+
+/* y = x w^T (+ bias) for float activations: quantize x (per row, blocks of 32) into a
+ * scratch buffer, then the integer matmul; one call per layer. */
+void pagellm_qlinear_f32(const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                         const pagellm_qweight* w, int nthreads) {
+    int64_t K = w->k, nb = K / 32;
+    size_t qbytes = (size_t)(M * K), fbytes = sizeof(float) * (size_t)(M * nb * 3);
+    char stack[8192];
+    char* buf = qbytes + fbytes + 64 <= sizeof(stack) ? stack : (char*)malloc(qbytes + fbytes + 64);
+    int8_t* xq = (int8_t*)buf;
+    float* xd = (float*)(buf + ((qbytes + 63) & ~(size_t)63));
+    float* xs = xd + M * nb;
+    pagellm_quantize_q8(x, ldx, M, K, xq, xd, xs, nthreads);
+    pagellm_qlinear(xq, xd, xs, M, K, w->data, w->n, w->kind, w->nsub, w->f16, y, ldy, w->bias,
+                    nthreads);
+    if (buf != stack) free(buf);
 }

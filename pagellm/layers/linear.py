@@ -54,6 +54,7 @@ class Linear(nn.Module):
         self.weight: Any = None
         self.staged: dict[str, dict[str, Any]]
         self.runs: list[Any]
+        self.fast_apply: Any = None
         self.loaded_shards: set[str]
         self.method = method_for(current_quant_config(), role)
         self.method.create_weights(self)

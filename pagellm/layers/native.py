@@ -90,6 +90,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_qlinear": ([
         _P, _P, _P, _I64, _I64, _P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT,
     ], None),
+    "pagellm_qlinear_f32": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
     "pagellm_q_dequant_rows": ([_P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT], None),
     "pagellm_paged_attention": ([
         _P, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,

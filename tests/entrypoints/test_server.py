@@ -417,7 +417,10 @@ def test_client_disconnect_aborts_and_frees_blocks(server: RemoteServer) -> None
         "POST", server.url("/v1/completions"), json=body, headers=auth(), timeout=60
     ) as resp:
         seen = 0
-        for line in resp.iter_lines():
+        # Keep the line iterator referenced: a generator dropped by `break` is closed at
+        # once, and httpx then closes the connection (a disconnect before we look).
+        lines = resp.iter_lines()
+        for line in lines:
             seen += line.startswith("data: ")
             if seen >= 3:
                 break

@@ -23,12 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pagellm.layers import ops
-from pagellm.layers.quantization.packed import (
-    BlockCodes,
-    PackedWeight,
-    QuantizedActivations,
-    TorchPackedWeight,
-)
+from pagellm.layers.quantization.packed import BlockCodes, PackedWeight, TorchPackedWeight
 
 if TYPE_CHECKING:
     from pagellm.config import QuantConfig
@@ -154,6 +149,7 @@ class QuantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: Linear) -> None:
         layer.staged = {s: {} for s in layer.shards}
         layer.runs = []
+        layer.fast_apply = None
 
     def load(self, layer: Linear, param_name: str, tensor: Any, shard: str) -> None:
         if param_name not in (*self.required, "weight"):
@@ -201,7 +197,8 @@ class QuantizedLinearMethod(LinearMethod):
                 bc = BlockCodes.concat([p[0] if isinstance(p, tuple) else p for p in parts])  # type: ignore[misc]
                 weight: PackedWeight | TorchPackedWeight | torch.Tensor
                 if lib is not None and device.type == "cpu":
-                    weight = PackedWeight(bc, lib)
+                    bias = None if layer.bias is None else layer.bias.data[start:end]
+                    weight = PackedWeight(bc, lib, bias)
                     layer.register_buffer(f"run{i}", weight.data)
                 else:
                     weight = TorchPackedWeight(bc, device, dtype)
@@ -212,25 +209,26 @@ class QuantizedLinearMethod(LinearMethod):
                 )
                 layer.register_buffer(f"run{i}", weight)
             layer.runs.append(Run(start, end, weight, perm))
+        only = layer.runs[0]
+        if len(layer.runs) == 1 and only.perm is None and isinstance(only.weight, PackedWeight):
+            layer.fast_apply = only.weight  # the common case: one call, bias included
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        fast = layer.fast_apply
+        if fast is not None:
+            return fast(x)  # type: ignore[no-any-return]
         runs: list[Run] = layer.runs
         bias = layer.bias
         if len(runs) == 1 and isinstance(runs[0].weight, torch.Tensor):
             return ops.linear(x, runs[0].weight, bias, layer._lib)
         y = torch.empty((x.shape[0], layer.out_features), dtype=x.dtype, device=x.device)
-        quantized: dict[int, QuantizedActivations] = {}
         for run in runs:
             out = y[:, run.start : run.end]
             b = None if bias is None else bias[run.start : run.end]
             w = run.weight
             xin = x if run.perm is None else x.index_select(1, run.perm)
             if isinstance(w, PackedWeight):
-                key = id(run.perm) if run.perm is not None else 0
-                if key not in quantized:
-                    xc = xin if xin.stride(1) == 1 else xin.contiguous()
-                    quantized[key] = QuantizedActivations.of(xc, w._lib)
-                w.matmul_into(quantized[key], out, b)
+                w(xin, out)  # quantizes xin itself (cheap next to the matmul)
             elif isinstance(w, TorchPackedWeight):
                 out.copy_(F.linear(xin, w.dequantize(), b))
             else:

@@ -124,20 +124,58 @@ def pack_tiles(bc: BlockCodes) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(tiles).reshape(-1), f16
 
 
+class _QWeightDesc(ctypes.Structure):
+    """pagellm_qweight in quant_ops.c: what a call needs besides x and y."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("kind", ctypes.c_int32),
+        ("nsub", ctypes.c_int32),
+        ("f16", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
 class PackedWeight:
     """A quantized [N, K] matrix as the native kernels read it."""
 
-    def __init__(self, bc: BlockCodes, lib: ctypes.CDLL) -> None:
+    def __init__(self, bc: BlockCodes, lib: ctypes.CDLL, bias: torch.Tensor | None = None) -> None:
         tiles, f16 = pack_tiles(bc)
         self.data = torch.from_numpy(tiles)
         self.n, self.k = bc.shape
         self.kind, self.nsub, self.f16 = bc.kind, bc.nsub, f16
         self._kind_id = KINDS[bc.kind]
         self._lib = lib
+        # The bias (a slice of the layer's) and the tiles never move once loaded.
+        self._bias = bias
+        self._desc = _QWeightDesc(
+            self.data.data_ptr(), self.n, self.k, self._kind_id, bc.nsub, int(f16), 0,
+            None if bias is None else bias.data_ptr(),
+        )  # fmt: skip
+        self._desc_ref = ctypes.byref(self._desc)
+        self._call = lib.pagellm_qlinear_f32
 
     @property
     def nbytes(self) -> int:
         return int(self.data.numel())
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x[M, K] float32 (rows may be strided) @ w^T + bias, into ``out`` (which may be a
+        column slice of a wider tensor) or a new [M, N] tensor. Activations are quantized
+        inside the call."""
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        if out is None:
+            out = torch.empty((m, self.n), dtype=torch.float32)
+        self._call(
+            x.data_ptr(), x.stride(0), m, out.data_ptr(), out.stride(0), self._desc_ref,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def matmul_into(
         self, xq: QuantizedActivations, y: torch.Tensor, bias: torch.Tensor | None
