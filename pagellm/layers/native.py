@@ -91,12 +91,48 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
         _P, _P, _P, _I64, _I64, _P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT,
     ], None),
     "pagellm_qlinear_f32": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
+    "pagellm_llama_stack": ([_P, _P, _P, _I64, _P, _P, _I64, _P, _P, _P, _I64, _INT], None),
     "pagellm_q_dequant_rows": ([_P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT], None),
     "pagellm_paged_attention": ([
         _P, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,
         _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT, _INT,
     ], None),
 }  # fmt: skip
+
+
+# Mirrors of the descriptors in csrc/llama_stack.c (field order and types must match).
+MAX_RUNS = 4
+
+
+class RunDesc(ctypes.Structure):
+    _fields_ = [
+        ("packed", _P), ("weight", _P), ("bias", _P), ("perm", _P),
+        ("start", _I64), ("end", _I64),
+    ]  # fmt: skip
+
+
+class LinearDesc(ctypes.Structure):
+    _fields_ = [
+        ("num_runs", _I64), ("in_features", _I64), ("out_features", _I64),
+        ("runs", RunDesc * MAX_RUNS),
+    ]  # fmt: skip
+
+
+class LayerDesc(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
+        ("qkv", LinearDesc), ("o", LinearDesc), ("gate_up", LinearDesc), ("down", LinearDesc),
+        ("k_cache", _P), ("v_cache", _P), ("k_scale", _P), ("v_scale", _P),
+    ]  # fmt: skip
+
+
+class StackDesc(ctypes.Structure):
+    _fields_ = [
+        ("num_layers", _I64), ("hidden", _I64), ("num_heads", _I64), ("num_kv_heads", _I64),
+        ("head_dim", _I64), ("rot_dim", _I64), ("intermediate", _I64), ("block_size", _I64),
+        ("eps", _F), ("attn_scale", _F), ("kvt", ctypes.c_int32), ("pad_", ctypes.c_int32),
+        ("cos_sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(LayerDesc)),
+    ]  # fmt: skip
 
 
 @functools.cache

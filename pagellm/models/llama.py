@@ -7,6 +7,7 @@ beside the hidden state so each RMSNorm also does the residual add.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from pagellm.layers.activation import SiluAndMul
-from pagellm.layers.attention import Attention
+from pagellm.layers.attention import Attention, get_forward_context
 from pagellm.layers.linear import Linear, VocabEmbedding
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.quantization.base import as_float_tensor
@@ -114,13 +115,48 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = build_rotary(cfg)
+        self.rotary = rotary
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm)
             for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The CPU fast path (see _native_stack); tests switch it off to compare.
+        self.native_stack_enabled = True
+        self._stack: tuple[Any, ...] | None = None
+
+    def _native_stack(self, meta: Any) -> Any:
+        """The layers as one native call (csrc/llama_stack.c), when every part of them runs
+        on pagellm's CPU kernels; else None (the modules run one by one). Built once the KV
+        cache is bound, and again if it is rebound."""
+        if (
+            not self.native_stack_enabled
+            or meta.backend is None
+            or meta.backend.name != "cpu_native"
+        ):
+            return None
+        first: Any = self.layers[0]
+        key = first.self_attn.attn.kv_cache.k.data_ptr()
+        if self._stack is not None and self._stack[0] == key:
+            return self._stack[1]
+        self._stack = (key, build_native_stack(self))
+        return self._stack[1]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        meta = get_forward_context().attn_metadata
+        stack = self._native_stack(meta)
+        if stack is not None:
+            lib, desc = stack
+            hidden = self.embed_tokens(input_ids).contiguous()
+            data = meta.backend_data
+            lib.pagellm_llama_stack(
+                desc, hidden.data_ptr(), positions.data_ptr(), hidden.shape[0],
+                meta.slot_mapping.data_ptr(), data.block_tables.data_ptr(),
+                data.block_tables.shape[1], data.seq_lens.data_ptr(),
+                data.query_start_loc.data_ptr(), data.token_to_seq.data_ptr(), meta.max_seq_len,
+                torch.get_num_threads(),
+            )  # fmt: skip
+            return hidden
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
@@ -209,3 +245,74 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks weights for: {', '.join(gaps[:8])}")
         for m in linears.values():
             m.finalize()
+
+
+def _linear_desc(layer: Linear) -> Any:
+    from pagellm.layers import native
+
+    runs = layer.method.native_runs(layer)
+    if runs is None or len(runs) > native.MAX_RUNS:
+        return None
+    desc = native.LinearDesc(len(runs), layer.in_features, layer.out_features)
+    for i, run in enumerate(runs):
+        d = desc.runs[i]
+        d.start, d.end = run.start, run.end
+        d.perm = None if run.perm is None else run.perm.data_ptr()
+        w = run.weight
+        if isinstance(w, torch.Tensor):
+            d.weight = w.data_ptr()
+            if layer.bias is not None:
+                d.bias = layer.bias.data_ptr() + run.start * layer.bias.element_size()
+        else:  # a PackedWeight (native_runs excludes the torch layout): it carries the bias
+            d.packed = ctypes.addressof(w._desc)  # type: ignore[union-attr]
+    return desc
+
+
+def build_native_stack(model: Any) -> tuple[Any, Any] | None:
+    """(library, descriptor) of the whole layer stack for csrc/llama_stack.c, or None when
+    some part needs the module path (torch ops, a KV dtype without a native kernel, more
+    runs per layer than the descriptor holds)."""
+    from pagellm.layers import native
+    from pagellm.layers.attention import _NATIVE_KV_TYPES
+
+    layers: list[Any] = list(model.layers)
+    rotary: Any = model.rotary
+    lib = rotary._lib
+    if lib is None or model.norm._lib is None:
+        return None
+    first = layers[0]
+    attn0 = first.self_attn
+    cache0: Any = attn0.attn.kv_cache
+    if cache0.dtype not in _NATIVE_KV_TYPES or cache0.k.device.type != "cpu":
+        return None
+    descs = (native.LayerDesc * len(layers))()
+    keep: list[Any] = []
+    for i, layer in enumerate(layers):
+        a, m = layer.self_attn, layer.mlp
+        d = descs[i]
+        for name, lin in (("qkv", a.qkv_proj), ("o", a.o_proj), ("gate_up", m.gate_up_proj),
+                          ("down", m.down_proj)):  # fmt: skip
+            ld = _linear_desc(lin)
+            if ld is None:
+                return None
+            setattr(d, name, ld)
+        d.input_norm = layer.input_layernorm.weight.data_ptr()
+        d.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+        if a.q_norm is not None and a.k_norm is not None:
+            d.q_norm, d.k_norm = a.q_norm.weight.data_ptr(), a.k_norm.weight.data_ptr()
+        cache = a.attn.kv_cache
+        d.k_cache, d.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        if cache.k_scale is not None and cache.v_scale is not None:
+            d.k_scale, d.v_scale = cache.k_scale.data_ptr(), cache.v_scale.data_ptr()
+    eps = layers[0].input_layernorm.eps
+    stack = native.StackDesc(
+        num_layers=len(layers), hidden=first.input_layernorm.weight.numel(),
+        num_heads=attn0.num_heads, num_kv_heads=attn0.num_kv_heads, head_dim=attn0.head_dim,
+        rot_dim=rotary.rotary_dim, intermediate=first.mlp.down_proj.in_features,
+        block_size=cache0.k.shape[1], eps=eps, attn_scale=attn0.attn.scale,
+        kvt=_NATIVE_KV_TYPES[cache0.dtype], cos_sin=rotary.cos_sin_cache.data_ptr(),
+        final_norm=model.norm.weight.data_ptr(), layers=descs,
+    )  # fmt: skip
+    keep.append(descs)
+    stack._keep = keep  # type: ignore[attr-defined]  # the layer array lives with it
+    return lib, ctypes.byref(stack)

@@ -83,6 +83,11 @@ class LinearMethod(abc.ABC):
     def describe(self, layer: Linear) -> str:
         return self.name
 
+    def native_runs(self, layer: Linear) -> list[Run] | None:
+        """The layer as runs the native CPU path can execute (packed or float32 weights
+        on the CPU), or None where it cannot."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """``weight[out, in]`` in the run dtype; quantized checkpoint tensors are dequantized."""
@@ -115,6 +120,12 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
+
+    def native_runs(self, layer: Linear) -> list[Run] | None:
+        w = layer.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or layer._lib is None:
+            return None
+        return [Run(0, layer.out_features, w)]
 
 
 def as_float_tensor(tensor: Any) -> torch.Tensor:
@@ -242,6 +253,15 @@ class QuantizedLinearMethod(LinearMethod):
             return F.embedding(ids, w)
         _, dtype = layer.bias_device_dtype()
         return w.dequantize_rows(ids).to(dtype)
+
+    def native_runs(self, layer: Linear) -> list[Run] | None:
+        for run in layer.runs:
+            w = run.weight
+            if isinstance(w, TorchPackedWeight):
+                return None
+            if isinstance(w, torch.Tensor) and (w.device.type != "cpu" or w.dtype != torch.float32):
+                return None
+        return list(layer.runs)
 
     def describe(self, layer: Linear) -> str:
         parts = []
