@@ -102,6 +102,8 @@ class SchedulerConfig:
     """Token budget of one step: decode tokens plus prefill chunks."""
     max_model_len: int = 2048
     """Copy of ModelConfig.max_model_len (the scheduler imports nothing from models)."""
+    policy: str = "fcfs"
+    """fcfs (arrival order) or priority (lowest ``priority`` value first, then arrival)."""
 
 
 @dataclass(frozen=True)

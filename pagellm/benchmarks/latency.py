@@ -40,6 +40,9 @@ class LatencyRow:
     decode_tok_s: float
     decode_roofline_share: float
     prefill_roofline_share: float
+    decode_host_ms: float | None = None
+    """Of a decode step, the time outside the model's forward pass and LM head: batch
+    building, sampling, scheduling, detokenization (pagellm only)."""
 
 
 def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -52,13 +55,30 @@ def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     # seed), and a prefix-cache hit would make prefill look faster than the machine.
     engine_args.enable_prefix_caching = False
     engine = LLMEngine.from_engine_args(engine_args)
+    # Time spent in the model (forward and LM head), to tell it from the host's share.
+    model = engine.core.runner.model
+    in_model = [0.0]
 
-    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+    def timed(fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                in_model[0] += time.perf_counter() - t
+
+        return wrapper
+
+    model.forward = timed(model.forward)
+    model.compute_logits = timed(model.compute_logits)
+
+    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float, float]:
         params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(f"lat-{time.monotonic_ns()}-{i}", p, params)
         started = time.perf_counter()
         first_token_at = None
+        model_at_first = 0.0
         have_first: set[str] = set()
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -66,9 +86,13 @@ def _pagellm_runner(args: argparse.Namespace) -> tuple[Any, Any]:
                     have_first.add(out.request_id)
             if first_token_at is None and len(have_first) == len(prompts):
                 first_token_at = time.perf_counter()
+                model_at_first = in_model[0]
         end = time.perf_counter()
         assert first_token_at is not None
-        return first_token_at - started, (end - first_token_at) / max(output_len - 1, 1)
+        steps = max(output_len - 1, 1)
+        decode = end - first_token_at
+        host = decode - (in_model[0] - model_at_first)
+        return first_token_at - started, decode / steps, host / steps
 
     return engine, run
 
@@ -93,11 +117,11 @@ def _hf_runner(args: argparse.Namespace, dtype: str) -> tuple[Any, Any]:
                            max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
         return time.perf_counter() - start
 
-    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+    def run(prompts: list[list[int]], output_len: int) -> tuple[float, float, float | None]:
         ids = torch.tensor(prompts)
         prefill = gen(ids, 1)
         total = gen(ids, output_len)
-        return prefill, (total - prefill) / max(output_len - 1, 1)
+        return prefill, (total - prefill) / max(output_len - 1, 1), None
 
     return model, run
 
@@ -125,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows: list[LatencyRow] = []
     for batch in args.batch_sizes:
-        prefills, steps = [], []
+        prefills, steps, hosts = [], [], []
         runner(
             [
                 r.prompt_token_ids
@@ -139,9 +163,11 @@ def run(args: argparse.Namespace) -> int:
             reqs = sample_random_token_requests(
                 tokenizer, batch, (args.input_len,) * 2, (1, 1), args.seed + it
             )
-            prefill, step = runner([r.prompt_token_ids for r in reqs], args.output_len)
+            prefill, step, host = runner([r.prompt_token_ids for r in reqs], args.output_len)
             prefills.append(prefill)
             steps.append(step)
+            if host is not None:
+                hosts.append(host)
         prefill, step = statistics.median(prefills), statistics.median(steps)
         ctx = args.input_len + args.output_len // 2
         best_step = costs.best_step_time(peaks, batch, ctx)
@@ -156,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
                 batch / step,
                 best_step / step,
                 best_prefill / prefill,
+                statistics.median(hosts) * 1e3 if hosts else None,
             )
         )
     print(
@@ -171,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             "decode tok/s",
             "decode % roofline",
             "prefill % roofline",
+            "host ms/step",
         ],
         [
             [
@@ -180,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{r.decode_tok_s:.1f}",
                 f"{100 * r.decode_roofline_share:.0f}%",
                 f"{100 * r.prefill_roofline_share:.0f}%",
+                "-" if r.decode_host_ms is None else f"{r.decode_host_ms:.2f}",
             ]
             for r in rows
         ],

@@ -230,10 +230,33 @@ def measure_machine(
 
             rate = 2 * 256 * size * size / _best_of(native_mm, 10, warmup_s=0.5) / 1e9
             matmul[f"pagellm_linear_{isa}/256x{size}"] = rate
+            # The quantized kernels (int8 dot products) can outrun any fp32 matmul: the
+            # peak of a quantized model's steps includes them.
+            matmul[f"pagellm_qlinear_u4_{isa}/256x{size}"] = _qlinear_rate(lib, x, size)
     return MachinePeaks(
         device, dtype, torch.get_num_threads(), max(by_method.values()), max(matmul.values()),
         by_method, matmul,
     )  # fmt: skip
+
+
+def _qlinear_rate(lib: Any, x: Any, size: int) -> float:
+    """GFLOP/s (2 per multiply-add) of the 4-bit quantized kernel on a [size, size] matrix."""
+    import numpy as np
+    import torch
+
+    from pagellm.layers.quantization.packed import BlockCodes, PackedWeight
+
+    rng = np.random.default_rng(0)
+    bc = BlockCodes(
+        rng.integers(0, 16, (size, size)).astype(np.uint8),
+        np.full((size, size // 32), 0.01, np.float32),
+        np.full((size, size // 32), -0.08, np.float32),
+        "u4",
+    )
+    w = PackedWeight(bc, lib)
+    y = torch.empty(x.shape[0], size)
+    seconds = _best_of(lambda: w(x, y), 10, warmup_s=0.5)
+    return float(2 * x.shape[0] * size * size / seconds / 1e9)
 
 
 def measure_machine_isolated(

@@ -44,6 +44,12 @@ from pagellm.benchmarks.report import (
 logger = logging.getLogger(__name__)
 
 
+# Connection errors that happen before a response starts: the server closed a kept-alive
+# connection (llama.cpp's server does, between requests) or refused the write. The request
+# never reached the server, so it is sent again on a fresh connection.
+_RETRIES_BEFORE_RESPONSE = 3
+
+
 async def send_request(
     session: Any,
     url: str,
@@ -74,7 +80,15 @@ async def send_request(
     text_parts: list[str] = []
     usage: dict[str, Any] | None = None
     try:
-        async with session.post(url + endpoint, json=body, headers=headers) as resp:
+        for attempt in range(_RETRIES_BEFORE_RESPONSE + 1):
+            try:
+                resp = await session.post(url + endpoint, json=body, headers=headers)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == _RETRIES_BEFORE_RESPONSE:
+                    raise
+                result.start = time.perf_counter()  # nothing reached the server
+        async with resp:
             if resp.status != 200:
                 detail = (await resp.text())[:300]
                 result.error = f"HTTP {resp.status}: {detail}"

@@ -40,7 +40,12 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # How many leading blocks of each request are registered in the prefix cache, so
+        # that a step looks only at the blocks filled since (not the whole list).
+        self.num_cached_blocks: dict[str, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
+        # (index in the block table, new block id) of the last allocate_slots' copies.
+        self.last_replaced: list[tuple[int, int]] = []
         self.prefix_stats = PrefixCacheStats()
 
     @property
@@ -87,9 +92,12 @@ class KVCacheManager:
             return
         self._update_block_hashes(request)
         blocks = self.req_to_blocks[request.req_id]
-        for i in range(min(num_tokens // self.block_size, len(request.block_hashes))):
+        done = self.num_cached_blocks.get(request.req_id, 0)
+        full = min(num_tokens // self.block_size, len(request.block_hashes))
+        for i in range(done, full):
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.num_cached_blocks[request.req_id] = max(done, full)
 
     # ---- allocate / free -----------------------------------------------------------
 
@@ -101,8 +109,8 @@ class KVCacheManager:
     ) -> list[int] | None:
         """Make room for num_new_tokens after the computed ones; None if they do not fit.
 
-        On success the request's ``block_ids`` are updated and the ids of newly taken
-        blocks returned. Blocks that will be full once this step ran are registered in
+        On success the request's ``block_ids`` are updated in place and the ids of newly
+        taken blocks returned (``last_replaced`` lists the copy-on-write replacements). Blocks that will be full once this step ran are registered in
         the prefix cache right away: the forward pass writes every layer's K/V before
         any attention reads it, so a request scheduled later in the same step may
         already share them.
@@ -125,22 +133,31 @@ class KVCacheManager:
             return None
         self.pool.touch(new_computed_blocks)
         blocks.extend(new_computed_blocks)
+        ids = request.block_ids
+        if len(ids) != len(blocks) - len(new_computed_blocks):
+            ids[:] = [b.block_id for b in blocks[: len(blocks) - len(new_computed_blocks)]]
+        ids.extend(b.block_id for b in new_computed_blocks)
         new_ids: list[int] = []
+        self.last_replaced = []
         for i in cow:
             (copy,) = self.pool.allocate(1)
             self.pending_copies.append((blocks[i].block_id, copy.block_id))
             self.pool.free([blocks[i]])
             blocks[i] = copy
+            ids[i] = copy.block_id
             new_ids.append(copy.block_id)
+            self.last_replaced.append((i, copy.block_id))
         fresh = self.pool.allocate(num_new_blocks)
         blocks.extend(fresh)
-        new_ids.extend(b.block_id for b in fresh)
-        request.block_ids = [b.block_id for b in blocks]
+        fresh_ids = [b.block_id for b in fresh]
+        ids.extend(fresh_ids)
+        new_ids.extend(fresh_ids)
         self._cache_full_blocks(request, num_total)
         return new_ids
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.req_id, [])
+        self.num_cached_blocks.pop(request.req_id, None)
         self.pool.free(reversed(blocks))
         request.block_ids = []
 
@@ -150,6 +167,7 @@ class KVCacheManager:
         assert child.req_id not in self.req_to_blocks or not self.req_to_blocks[child.req_id]
         self.pool.touch(blocks)
         self.req_to_blocks[child.req_id] = list(blocks)
+        self.num_cached_blocks[child.req_id] = self.num_cached_blocks.get(parent.req_id, 0)
         child.block_ids = [b.block_id for b in blocks]
         child.block_hashes = list(parent.block_hashes)
 

@@ -63,6 +63,7 @@ class Request:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
+        self.priority = 0  # lower runs first under the priority policy
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.output_token_ids: list[int] = []
@@ -126,6 +127,7 @@ class Request:
         child.block_hashes = list(self.block_hashes)
         child.num_cached_tokens = self.num_cached_tokens
         child.first_scheduled_time = self.first_scheduled_time
+        child.priority = self.priority
         return child
 
     def append_output_token(self, token_id: int) -> None:

@@ -9,7 +9,7 @@ Each ``schedule()`` fills a budget of ``max_num_batched_tokens`` tokens and
    lookup, then as much of the prompt as the budget allows.
 
 When the KV pool cannot hold a running request's next tokens, the newest running
-request is preempted: its blocks are freed and it goes back to the head of the queue to
+request (under ``--scheduling-policy priority``: the least important one) is preempted: its blocks are freed and it goes back to the head of the queue to
 be recomputed later (its generated tokens are kept). A request therefore never crashes
 the engine for lack of memory and is never lost.
 """
@@ -69,7 +69,34 @@ class Scheduler:
             child.fork_parent = request
             self.requests[child.req_id] = child
         self.requests[request.req_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """Put a request in the waiting queue: at the back (new) or the front (preempted,
+        or a sibling taking over) under FCFS; by (priority, arrival time) under the
+        priority policy, where a preempted request keeps its old arrival time."""
+        if self.config.policy != "priority":
+            if front:
+                self.waiting.appendleft(request)
+            else:
+                self.waiting.append(request)
+            return
+        key = (request.priority, request.arrival_time)
+        for i, other in enumerate(self.waiting):
+            if (other.priority, other.arrival_time) > key:
+                self.waiting.insert(i, request)
+                return
         self.waiting.append(request)
+
+    def _pick_victim(self, start: int) -> Request:
+        """The running request to preempt, among those not yet scheduled this step (from
+        index ``start``): the newest under FCFS; under the priority policy the one with the
+        highest priority value (the least important), newest first among equals."""
+        if self.config.policy != "priority":
+            return self.running.pop()
+        victim = max(self.running[start:], key=lambda r: (r.priority, r.arrival_time))
+        self.running.remove(victim)
+        return victim
 
     def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """End requests from outside the model loop (abort, stop string); frees their blocks."""
@@ -100,7 +127,7 @@ class Scheduler:
                 heir.pending_forks = rest
                 for child in rest:
                     child.fork_parent = heir
-                self.waiting.appendleft(heir)
+                self._enqueue(heir, front=True)
             done.append(request)
         return done
 
@@ -115,7 +142,7 @@ class Scheduler:
         else:  # the parent was preempted: the child recomputes on its own
             child.num_computed_tokens = 0
             child.status = RequestStatus.WAITING
-            self.waiting.appendleft(child)
+            self._enqueue(child, front=True)
 
     def append_token(self, req_id: str, token_id: int) -> None:
         """Append a token chosen outside the sampler (beam search); the worker is told."""
@@ -170,7 +197,7 @@ class Scheduler:
             self._worker_known.discard(request.req_id)
             self._finished_ids.add(request.req_id)
         self._pending_tokens.pop(request.req_id, None)
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
         logger.debug("preempted %s (%d tokens)", request.req_id, request.num_tokens)
 
     def schedule(self) -> SchedulerOutput:
@@ -191,10 +218,9 @@ class Scheduler:
                 # Nothing to compute (a beam waiting for its group to choose its token).
                 i += 1
                 continue
-            old_blocks = list(request.block_ids)
             new_block_ids = self.kv.allocate_slots(request, num_new)
             while new_block_ids is None:
-                victim = self.running.pop()
+                victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted_any = True
                 if victim is request:
@@ -205,13 +231,12 @@ class Scheduler:
             num_scheduled[request.req_id] = num_new
             budget -= num_new
             if request.req_id in self._worker_known:
-                replaced = [
-                    (j, b) for j, (a, b) in enumerate(zip(old_blocks, request.block_ids)) if a != b
-                ]
+                replaced = self.kv.last_replaced
+                appended = len(new_block_ids) - len(replaced)
                 cached_reqs.append(
                     CachedRequestData(
                         req_id=request.req_id,
-                        new_block_ids=request.block_ids[len(old_blocks) :],
+                        new_block_ids=new_block_ids[len(replaced) :] if appended else [],
                         replaced_blocks=replaced,
                         num_computed_tokens=request.num_computed_tokens,
                         new_token_ids=self._pending_tokens.pop(request.req_id, []),

@@ -92,6 +92,9 @@ class EngineArgs:
     """Most requests per step."""
     max_num_batched_tokens: int | None = None
     """Token budget per step; default 512 on CPU, 8192 on GPU."""
+    scheduling_policy: str = "fcfs"
+    """fcfs, or priority: requests with a lower priority value are admitted first and,
+    under memory pressure, preempted last."""
     log_stats: bool = False
     """Log throughput and KV usage periodically."""
 
@@ -131,6 +134,10 @@ class EngineArgs:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "num_threads", "num_gpu_blocks_override"):  # fmt: skip
             positive(name)
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
+            )
         if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
@@ -225,6 +232,7 @@ class EngineArgs:
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=budget,
                 max_model_len=max_model_len,
+                policy=self.scheduling_policy,
             ),
             device=DeviceConfig(
                 device=device,
@@ -283,6 +291,8 @@ class EngineArgs:
         add("--max-num-seqs", type=int, default=256, help="most requests per step")
         add("--max-num-batched-tokens", type=int, default=None,
             help="token budget per step (default 512 on CPU, 8192 on GPU)")  # fmt: skip
+        add("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
+            help="fcfs, or priority (the request field `priority`: lower first)")  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")
 
     @classmethod

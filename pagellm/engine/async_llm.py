@@ -1,38 +1,37 @@
-"""AsyncLLM: the asyncio front end over the engine core.
+"""AsyncLLM: the asyncio front end of the server; the engine core runs in its own process.
 
-Threads and ownership:
-
-    event loop thread                       engine thread
-    -----------------                       -------------
-    InputProcessor (tokenize, validate)     EngineCore (scheduler + model runner)
-    OutputProcessor (detokenize, stops)       loops: drain inbox -> step() -> post outputs
+    event loop (this process)                    engine core process (core_client.py)
+    -------------------------                    -------------------------------------
+    InputProcessor (tokenize, validate)          EngineCore (scheduler + model runner)
+    OutputProcessor (detokenize, stop strings)     drain commands -> step() -> outputs
     one RequestOutputCollector per request
-           |  inbox: ("add", requests) / ("abort", ids)  ^
-           +---------------------------------------------+
-           ^  loop.call_soon_threadsafe(_handle, outputs, stats)
-           +---------------------------------------------+
+           | add_request(): ("add", request) ---------------------------^
+           ^ reader thread: call_soon_threadsafe(_handle, outputs, stats) |
+           +-------------------------------------------------------------+
 
-The model loop never runs on the event loop, and the event loop never touches the
-scheduler: the only shared objects are the inbox queue and the posted outputs. A
-request aborted from the event loop (client gone, stop string) reaches the engine
-before its next step, which frees its KV blocks.
+``add_request`` validates and admits a request at once (a full queue raises
+QueueFullError before any response starts) and returns its stream. The model loop never
+runs on the event loop, and the event loop never touches the scheduler. A request
+aborted from the event loop (client gone, stop string) reaches the engine before its
+next step, which frees its KV blocks. If the engine process dies every stream fails
+with EngineDeadError and ``on_dead`` callbacks run (the server exits non-zero).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections.abc import AsyncGenerator
+import time
+import weakref
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from pagellm.config import EngineConfig
-from pagellm.core.request import Request
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.engine.arg_utils import EngineArgs
+from pagellm.engine.core_client import EngineCoreClient
 from pagellm.engine.input_processor import InputProcessor, PromptType
-from pagellm.engine.llm_engine import EngineCore, register_request
+from pagellm.engine.llm_engine import register_request
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.engine.tokenizer import load_tokenizer
 from pagellm.metrics.stats import IterationStats, SchedulerStats
@@ -40,8 +39,6 @@ from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_STOP = object()
 
 
 class EngineDeadError(RuntimeError):
@@ -116,32 +113,87 @@ class RequestOutputCollector:
         return out
 
 
+class RequestStream:
+    """The outputs of one admitted request. Iterate it; ``abort_if_unfinished`` (also run
+    by ``aclose``) stops the request if nobody will read the rest."""
+
+    def __init__(
+        self, engine: AsyncLLM, request_id: str, collector: RequestOutputCollector
+    ) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._collector = collector
+        self._state = {"finished": False}
+        # A stream dropped unread (its client went away before the response started) is
+        # aborted when it is collected, so no request runs on for nobody.
+        weakref.finalize(self, engine._abandon, request_id, self._state)
+
+    @property
+    def finished(self) -> bool:
+        return self._state["finished"]
+
+    @finished.setter
+    def finished(self, value: bool) -> None:
+        self._state["finished"] = value
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._collector.get()
+        except BaseException:
+            self.abort_if_unfinished()
+            raise
+        if out.finished:
+            self.finished = True
+            self._engine._collectors.pop(self.request_id, None)
+        return out
+
+    def abort_if_unfinished(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._collectors.pop(self.request_id, None)
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort_if_unfinished()
+
+
 class AsyncLLM:
     def __init__(
         self,
         config: EngineConfig,
         max_queued_requests: int | None = None,
         stat_loggers: list[StatLogger] | None = None,
+        step_timeout: float | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
         self.input_processor = InputProcessor(config.model, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.core = EngineCore(config)
         self.max_queued_requests = max_queued_requests
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.step_timeout = step_timeout
+        self.on_dead: list[Callable[[str], None]] = []
         self._collectors: dict[str, RequestOutputCollector] = {}
         self._children: dict[str, list[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
-        # Queue depth without locks: each counter has one writer (the loop thread
-        # writes _submitted, the engine thread _drained and _core_waiting).
+        self._watchdog: asyncio.Task[None] | None = None
+        self.stalled = False
+        self._last_progress = time.monotonic()
+        # Queue depth without locks: the loop thread writes _submitted, the reader thread
+        # _drained and _core_waiting (both as the engine reported them).
         self._submitted = 0
         self._drained = 0
         self._core_waiting = 0
         self.last_stats = SchedulerStats()
+        self.last_step_seconds = 0.0
+        self.client = EngineCoreClient(config)
+        self.plan = self.client.plan
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> AsyncLLM:
@@ -150,30 +202,29 @@ class AsyncLLM:
     # ---- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume outputs."""
-        if self._thread is not None:
+        """Start talking to the engine; call from the event loop that consumes outputs."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run_engine, name="pagellm-engine", daemon=True)
-        self._thread.start()
+        self.client.start(self._on_message, self._on_dead)
+        if self.step_timeout:
+            self._watchdog = self._loop.create_task(self._watch(self.step_timeout))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
-            return
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.client.shutdown(timeout)
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._dead is None
+        return self._loop is not None and self._dead is None
 
     @property
     def errored(self) -> bool:
         return self._dead is not None
 
     def num_queued(self) -> int:
-        """Requests accepted but not yet scheduled: in the inbox or the scheduler's queue."""
+        """Requests accepted but not yet scheduled: on their way or in the scheduler's queue."""
         return (self._submitted - self._drained) + self._core_waiting
 
     def num_unfinished(self) -> int:
@@ -181,17 +232,19 @@ class AsyncLLM:
 
     # ---- requests -------------------------------------------------------------------
 
-    async def generate(
+    def add_request(
         self,
         prompt: PromptType,
         params: SamplingParams,
         request_id: str,
         add_special_tokens: bool = True,
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """Stream the request's outputs; closing the generator early aborts the request."""
+        priority: int = 0,
+    ) -> RequestStream:
+        """Validate and admit a request now (ValueError, QueueFullError, EngineDeadError
+        are raised here, before any response starts) and return its output stream."""
         if self._dead is not None:
             raise EngineDeadError("the engine has stopped after an error") from self._dead
-        if self._thread is None:
+        if self._loop is None:
             self.start()
         limit = self.max_queued_requests
         if limit is not None and self.num_queued() >= limit:
@@ -200,82 +253,79 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         root = register_request(
             self.input_processor, self.output_processor, self._children,
-            request_id, prompt, params, None, add_special_tokens,
+            request_id, prompt, params, None, add_special_tokens, priority,
         )  # fmt: skip
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
-        self._submit([root])
-        finished = False
+        if not self._collectors or len(self._collectors) == 1:
+            self._last_progress = time.monotonic()  # idle until now: not a stall
+        self._submitted += 1
+        self.client.send(("add", root))
+        return RequestStream(self, request_id, collector)
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        add_special_tokens: bool = True,
+        priority: int = 0,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs (admitted when iteration starts; the server uses
+        add_request to refuse before responding); closing early aborts it."""
+        stream = self.add_request(prompt, params, request_id, add_special_tokens, priority)
         try:
-            while not finished:
-                out = await collector.get()
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            self._collectors.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            stream.abort_if_unfinished()
 
-    def _submit(self, requests: list[Request]) -> None:
-        self._submitted += len(requests)
-        self._inbox.put(("add", requests))
+    def _abandon(self, request_id: str, state: dict[str, bool]) -> None:
+        if not state["finished"] and self._loop is not None and not self._loop.is_closed():
+            state["finished"] = True
+            self._loop.call_soon_threadsafe(self.abort, request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its n children); its blocks are freed before the next step."""
         ids = self._children.pop(request_id, [request_id])
-        self._inbox.put(("abort", ids))
+        self._collectors.pop(request_id, None)
+        if self._dead is None:
+            self.client.send(("abort", ids))
         stats = IterationStats()
         self.output_processor.abort_requests(ids, stats)
         self._record(stats, None)
 
-    # ---- the engine thread ----------------------------------------------------------
+    # ---- messages from the engine (reader thread -> event loop) ----------------------
 
-    def _run_engine(self) -> None:
-        core = self.core
+    def _on_message(self, msg: tuple[Any, ...]) -> None:
         loop = self._loop
         assert loop is not None
-        try:
-            while True:
-                idle = not core.has_unfinished_requests()
-                try:
-                    cmd = self._inbox.get(block=idle)
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    if cmd is _STOP:
-                        return
-                    kind, payload = cmd
-                    if kind == "add":
-                        for request in payload:
-                            core.add_request(request)
-                        self._core_waiting = core.scheduler.num_waiting
-                        self._drained += len(payload)
-                    else:
-                        core.abort_requests(payload)
-                    try:
-                        cmd = self._inbox.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if not core.has_unfinished_requests():
-                    loop.call_soon_threadsafe(self._handle, [], core.stats())
-                    continue
-                outputs = core.step()
-                stats = core.stats()
-                self._core_waiting = stats.num_waiting
-                loop.call_soon_threadsafe(self._handle, outputs, stats)
-        except BaseException as e:  # a bug must not leave clients hanging
-            logger.exception("the engine loop failed")
-            self._dead = e
-            loop.call_soon_threadsafe(self._fail_all, e)
+        if msg[0] == "step":
+            _, outputs, stats, drained, seconds = msg
+            self.last_step_seconds = seconds
+        else:  # "idle"
+            _, stats, drained = msg
+            outputs = []
+        self._drained = drained
+        self._core_waiting = stats.num_waiting
+        loop.call_soon_threadsafe(self._handle, outputs, stats)
 
-    # ---- back on the event loop -----------------------------------------------------
+    def _on_dead(self, reason: str) -> None:
+        logger.error("%s", reason)
+        self._dead = EngineDeadError(reason)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, self._dead, reason)
 
     def _handle(self, core_outputs: list[EngineCoreOutput], sched: SchedulerStats) -> None:
         self.last_stats = sched
+        self._last_progress = time.monotonic()
+        if self.stalled:
+            self.stalled = False
+            logger.warning("the engine is making progress again")
         stats = IterationStats()
         outputs, to_abort = self.output_processor.process_outputs(core_outputs, stats=stats)
         if to_abort:
-            self._inbox.put(("abort", to_abort))
+            self.client.send(("abort", to_abort))
         for out in outputs:
             collector = self._collectors.get(out.request_id)
             if collector is not None:
@@ -284,6 +334,19 @@ class AsyncLLM:
                 self._children.pop(out.request_id, None)
         self._record(stats, sched)
 
+    async def _watch(self, limit: float) -> None:
+        """Mark the engine stalled (health 503) while it has work but no step has come
+        back for ``limit`` seconds; cleared by the next step."""
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            busy = bool(self._collectors)
+            if busy and not self.stalled and time.monotonic() - self._last_progress > limit:
+                self.stalled = True
+                logger.error(
+                    "no engine step has completed for %.0f s with %d requests in flight",
+                    time.monotonic() - self._last_progress, len(self._collectors),
+                )  # fmt: skip
+
     def _record(self, stats: IterationStats | None, sched: SchedulerStats | None) -> None:
         for stat_logger in self.stat_loggers:
             try:
@@ -291,8 +354,11 @@ class AsyncLLM:
             except Exception:
                 logger.exception("stat logger failed")
 
-    def _fail_all(self, error: BaseException) -> None:
-        dead = EngineDeadError("the engine has stopped after an error")
-        dead.__cause__ = error
+    def _fail_all(self, error: BaseException, reason: str) -> None:
         for collector in self._collectors.values():
-            collector.fail(dead)
+            collector.fail(error)
+        for callback in self.on_dead:
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("on_dead callback failed")

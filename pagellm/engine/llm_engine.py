@@ -3,7 +3,8 @@
 ``EngineCore`` is the model loop: scheduler + model runner, token ids in and out, no
 text. ``LLMEngine`` wraps it with the input processor (tokenize, validate) and the
 output processor (detokenize, stop strings, RequestOutput). The asyncio front end
-(``async_llm.AsyncLLM``) reuses the same three pieces with the core on its own thread.
+(``async_llm.AsyncLLM``) reuses the input and output processors with the core in its own
+process (``core_client.py``).
 """
 
 from __future__ import annotations
@@ -160,13 +161,15 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> None:
-        """Validate and queue a request (n > 1 becomes n child requests)."""
+        """Validate and queue a request (n > 1 becomes n child requests). With the
+        priority scheduling policy, a lower ``priority`` is served first."""
         if req_id in self.output_processor.states or req_id in self._children:
             raise ValueError(f"request id {req_id!r} is already in use")
         root = register_request(
             self.input_processor, self.output_processor, self._children,
-            req_id, prompt, params, arrival_time, add_special_tokens,
+            req_id, prompt, params, arrival_time, add_special_tokens, priority,
         )  # fmt: skip
         self.core.add_request(root)
 
@@ -201,13 +204,18 @@ def register_request(
     params: SamplingParams,
     arrival_time: float | None,
     add_special_tokens: bool,
+    priority: int = 0,
 ) -> Request:
     """Validate one user request, register its requests with the output processor (and
     its samples in ``children``), and return the one the core schedules: n > 1, best_of
     and beam search siblings fork from it."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
     requests = make_requests(
         input_processor, req_id, prompt, params, arrival_time, add_special_tokens
     )
+    for request, _ in requests:
+        request.priority = priority
     parent = ParentRequest.for_params(req_id, params)
     if parent is not None:
         children[req_id] = [r.req_id for r, _ in requests]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +22,6 @@ import torch
 from pagellm.config import EngineConfig
 from pagellm.core.sched_output import (
     ModelRunnerOutput,
-    NewRequestData,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -37,7 +35,7 @@ from pagellm.layers.attention import (
 from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
-from pagellm.sampling_params import SamplingParams
+from pagellm.worker.input_batch import InputBatch, RowState
 from pagellm.worker.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -60,22 +58,6 @@ def tune_cpu_allocator() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 256 << 20)
     libc.mallopt(m_trim_threshold, 512 << 20)
-
-
-@dataclass
-class CachedRequestState:
-    req_id: str
-    token_ids: list[int]
-    num_prompt_tokens: int
-    sampling_params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
-    prompt_logprobs_done: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
 
 class ModelRunner:
@@ -110,7 +92,9 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mc.seed)
         self.sampler = Sampler(generator)
-        self.requests: dict[str, CachedRequestState] = {}
+        self.batch = InputBatch(
+            config.scheduler.max_num_seqs, mc.max_model_len, self.block_size, self.vocab_size
+        )
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
         logger.info(
@@ -180,31 +164,32 @@ class ModelRunner:
 
     # ---- state updates --------------------------------------------------------------
 
-    def _add_request(self, new: NewRequestData) -> None:
-        tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
-        self.requests[new.req_id] = CachedRequestState(
-            req_id=new.req_id,
-            token_ids=tokens,
-            num_prompt_tokens=len(new.prompt_token_ids),
-            sampling_params=new.sampling_params,
-            block_ids=list(new.block_ids),
-            num_computed_tokens=new.num_computed_tokens,
-            # After preemption the prompt's logprobs were already reported.
-            prompt_logprobs_done=bool(new.output_token_ids),
-        )
+    @property
+    def requests(self) -> dict[str, RowState]:
+        """The requests the worker holds state for (tests look at this)."""
+        return self.batch.requests
 
     def _update_states(self, sched: SchedulerOutput) -> None:
+        batch = self.batch
         for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
+            batch.remove(req_id)
         for new in sched.scheduled_new_reqs:
-            self._add_request(new)
+            batch.add(
+                new.req_id, [*new.prompt_token_ids, *new.output_token_ids],
+                len(new.prompt_token_ids), new.sampling_params, new.block_ids,
+                new.num_computed_tokens,
+                # After preemption the prompt's logprobs were already reported.
+                prompt_logprobs_done=bool(new.output_token_ids),
+            )  # fmt: skip
         for cached in sched.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
+            row = batch.requests[cached.req_id].row
             for idx, block in cached.replaced_blocks:
-                state.block_ids[idx] = block
-            state.block_ids.extend(cached.new_block_ids)
-            state.token_ids.extend(cached.new_token_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+                batch.block_table[row, idx] = block
+            if cached.new_block_ids:
+                batch.append_blocks(row, cached.new_block_ids)
+            if cached.new_token_ids:
+                batch.append_tokens(row, cached.new_token_ids)
+            batch.num_computed[row] = cached.num_computed_tokens
 
     # ---- the step ---------------------------------------------------------------------
 
@@ -241,32 +226,31 @@ class ModelRunner:
         req_ids = list(sched.num_scheduled_tokens)
         if not req_ids:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        states = [self.requests[r] for r in req_ids]
+        batch = self.batch
+        states = [batch.requests[r] for r in req_ids]
         B = len(states)
         bs = self.block_size
-        q_lens = np.fromiter(
-            (sched.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=B
-        )
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=B)
+        q_lens = np.fromiter(sched.num_scheduled_tokens.values(), dtype=np.int64, count=B)
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         T = int(qsl[-1])
-        starts = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=B)
+        starts = batch.num_computed[rows]
         seq_lens = starts + q_lens
-        input_ids = np.empty(T, dtype=np.int64)
-        max_blocks = max(len(s.block_ids) for s in states)
-        block_tables = np.zeros((B, max_blocks), dtype=np.int32)
-        for i, s in enumerate(states):
-            input_ids[qsl[i] : qsl[i + 1]] = s.token_ids[starts[i] : seq_lens[i]]
-            block_tables[i, : len(s.block_ids)] = s.block_ids
-        row_of_token = np.repeat(np.arange(B), q_lens)
+        row_of_token = np.repeat(rows, q_lens)
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
+        input_ids = batch.token_ids[row_of_token, positions]
+        max_blocks = int(batch.num_blocks[rows].max())
+        block_tables = batch.block_table[rows, :max_blocks]
+        batch_row = np.repeat(np.arange(B), q_lens)
         slot_mapping = (
-            block_tables[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+            block_tables[batch_row, positions // bs].astype(np.int64) * bs + positions % bs
         )
         meta = self._build_metadata(qsl, seq_lens, block_tables, slot_mapping)
 
         # Rows whose logits we need: the sampling rows, then prompt-logprob rows.
-        sample_req_idx = [i for i, s in enumerate(states) if seq_lens[i] == len(s.token_ids)]
+        num_tokens = batch.num_tokens[rows]
+        sample_req_idx = np.nonzero(seq_lens == num_tokens)[0].tolist()
         logits_rows = [int(qsl[i + 1] - 1) for i in sample_req_idx]
         prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (req idx, first row, n, first pos)
         for i, s in enumerate(states):
@@ -289,18 +273,22 @@ class ModelRunner:
         logprobs_out: list[TokenLogprobs | None] | None = None
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         if logits_rows:
-            rows = torch.as_tensor(logits_rows, device=dev)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))  # type: ignore[operator]
+            lrows = torch.as_tensor(logits_rows, device=dev)
+            logits = self.model.compute_logits(hidden.index_select(0, lrows))  # type: ignore[operator]
             n_sample = len(sample_req_idx)
             if n_sample:
                 sample_states = [states[i] for i in sample_req_idx]
-                out = self.sampler(logits[:n_sample], self._sampling_metadata(sample_states))
+                out = self.sampler(
+                    logits[:n_sample], self._sampling_metadata(sample_states, rows[sample_req_idx])
+                )
                 tokens = out.sampled.tolist()
                 for j, i in enumerate(sample_req_idx):
                     sampled_lists[i] = [tokens[j]]
                     if not states[i].sampling_params.use_beam_search:
                         # Beam search tokens are chosen by the engine and sent back.
-                        states[i].token_ids.append(tokens[j])
+                        row = states[i].row
+                        batch.token_ids[row, batch.num_tokens[row]] = tokens[j]
+                        batch.num_tokens[row] += 1
                 if out.logprobs is not None:
                     logprobs_out = [None] * B
                     ids = out.logprob_token_ids.tolist()  # type: ignore[union-attr]
@@ -317,14 +305,13 @@ class ModelRunner:
                         )
             for i, first_row, n, first_pos in prompt_lp_spans:
                 s = states[i]
-                targets = s.token_ids[first_pos + 1 : first_pos + 1 + n]
+                targets = batch.tokens(s.row, first_pos + 1, first_pos + 1 + n)
                 prompt_logprobs[s.req_id] = self._logprobs_of(
                     logits[first_row : first_row + n],
                     targets,
                     s.sampling_params.prompt_logprobs or 0,
                 )
-        for s, n in zip(states, q_lens):
-            s.num_computed_tokens += int(n)
+        batch.num_computed[rows] = seq_lens
         return ModelRunnerOutput(
             req_ids=req_ids,
             sampled_token_ids=sampled_lists,
@@ -351,50 +338,47 @@ class ModelRunner:
             for j, t in enumerate(targets)
         ]
 
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+    def _sampling_metadata(self, states: list[RowState], rows: np.ndarray) -> SamplingMetadata:
+        """Tensors gathered from the batch's per-row arrays; the rare per-request parts
+        (seeds, logit bias, penalties' token counts, min_tokens) from the row states."""
         dev = self.device
-        params = [s.sampling_params for s in states]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        all_greedy = all(p.temperature == 0 for p in params)
-        meta = SamplingMetadata(temperature=temps, all_greedy=all_greedy)
-        vocab = self.vocab_size
+        b = self.batch
+        temp = b.temperature[rows]
+        all_greedy = bool((temp == 0).all())
+        meta = SamplingMetadata(temperature=torch.from_numpy(temp).to(dev), all_greedy=all_greedy)
         if not all_greedy:
-            if any(p.top_k != -1 for p in params):
-                meta.top_k = torch.tensor(
-                    [p.top_k if p.top_k != -1 else vocab for p in params], device=dev
-                )
-            if any(p.top_p < 1.0 for p in params):
-                meta.top_p = torch.tensor(
-                    [p.top_p for p in params], dtype=torch.float32, device=dev
-                )
-            if any(p.min_p > 0 for p in params):
-                meta.min_p = torch.tensor(
-                    [p.min_p for p in params], dtype=torch.float32, device=dev
-                )
-            for row, (s, p) in enumerate(zip(states, params)):
+            top_k = b.top_k[rows]
+            if (top_k < self.vocab_size).any():
+                meta.top_k = torch.from_numpy(top_k).to(dev)
+            top_p = b.top_p[rows]
+            if (top_p < 1.0).any():
+                meta.top_p = torch.from_numpy(top_p).to(dev)
+            min_p = b.min_p[rows]
+            if (min_p > 0).any():
+                meta.min_p = torch.from_numpy(min_p).to(dev)
+            for j, s in enumerate(states):
+                p = s.sampling_params
                 if p.seed is not None and p.temperature > 0:
-                    meta.generators[row] = seeded_generator(p.seed, s.num_output_tokens, dev)
-        if any(
-            p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
-            for p in params
-        ):
-            f32 = torch.float32
-            meta.presence_penalty = torch.tensor(
-                [p.presence_penalty for p in params], dtype=f32, device=dev
-            )
-            meta.frequency_penalty = torch.tensor(
-                [p.frequency_penalty for p in params], dtype=f32, device=dev
-            )
-            meta.repetition_penalty = torch.tensor(
-                [p.repetition_penalty for p in params], dtype=f32, device=dev
-            )
-            meta.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
-            meta.output_token_ids = [s.token_ids[s.num_prompt_tokens :] for s in states]
-        if any(p.logit_bias for p in params):
-            meta.logit_bias = [p.logit_bias for p in params]
-        for row, (s, p) in enumerate(zip(states, params)):
-            if p.min_tokens and s.num_output_tokens < p.min_tokens and p.all_stop_token_ids:
-                meta.min_tokens_blocked.append((row, sorted(p.all_stop_token_ids)))
-        asked = [p.logprobs for p in params if p.logprobs is not None]
+                    step = int(b.num_tokens[s.row]) - s.num_prompt_tokens
+                    meta.generators[j] = seeded_generator(p.seed, step, dev)
+        pres, freq, rep = b.presence[rows], b.frequency[rows], b.repetition[rows]
+        if (pres != 0).any() or (freq != 0).any() or (rep != 1).any():
+            meta.presence_penalty = torch.from_numpy(pres).to(dev)
+            meta.frequency_penalty = torch.from_numpy(freq).to(dev)
+            meta.repetition_penalty = torch.from_numpy(rep).to(dev)
+            meta.prompt_token_ids = [b.tokens(s.row, 0, s.num_prompt_tokens) for s in states]
+            meta.output_token_ids = [b.tokens(s.row, s.num_prompt_tokens) for s in states]
+        asked: list[int] = []
+        for j, s in enumerate(states):
+            p = s.sampling_params
+            if p.logit_bias:
+                if meta.logit_bias is None:
+                    meta.logit_bias = [None] * len(states)
+                meta.logit_bias[j] = p.logit_bias
+            generated = int(b.num_tokens[s.row]) - s.num_prompt_tokens
+            if p.min_tokens and p.all_stop_token_ids and generated < p.min_tokens:
+                meta.min_tokens_blocked.append((j, sorted(p.all_stop_token_ids)))
+            if p.logprobs is not None:
+                asked.append(p.logprobs)
         meta.max_num_logprobs = max(asked) if asked else None
         return meta

@@ -87,3 +87,73 @@ def test_sharegpt_chat_with_poisson_arrivals(server: Any, tmp_path: Any) -> None
     assert r["completed"] == 4 and r["request_rate"] == 20.0 and r["burstiness"] == 0.5
     assert r["total_output_tokens"] == 4 * 5
     assert r["total_input_tokens"] > 4 * 20  # chat template tokens counted by the server
+
+
+def _closing_server() -> tuple[Any, int]:
+    """A tiny OpenAI-style server that answers one request per connection and then closes
+    it, although its response (chunked, no ``Connection: close``) says it could be reused:
+    what llama.cpp's server does. Returns (thread, port)."""
+    import asyncio
+    import threading
+
+    from pagellm.utils import get_open_port
+
+    port = get_open_port()
+    served = {"connections": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served["connections"] += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        body = json.loads(await reader.readexactly(length)) if length else {}
+        if head.startswith(b"GET"):
+            payload = json.dumps({"object": "list", "data": [{"id": "closing"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(payload) + payload)  # fmt: skip
+        else:
+            n = int(body.get("max_tokens", 4))
+            events = [{"choices": [{"index": 0, "text": " x"}]} for _ in range(n)]
+            events.append({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": n}})
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+            for data in [*(json.dumps(e) for e in events), "[DONE]"]:
+                chunk = f"data: {data}\n\n".encode()
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()  # and never serve another request on this connection
+
+    def run() -> None:
+        async def main() -> None:
+            srv = await asyncio.start_server(handle, "127.0.0.1", port)
+            async with srv:
+                await srv.serve_forever()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    import time
+
+    time.sleep(0.3)
+    return served, port
+
+
+def test_bench_serve_survives_servers_that_close_connections(tmp_path: Any) -> None:
+    served, port = _closing_server()
+    out = tmp_path / "r.json"
+    proc = bench(
+        "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "12", "--input-len", "8",
+        "--output-len", "5", "--max-concurrency", "1,4", "--output-json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(out.read_text())
+    for r in runs:
+        assert r["completed"] == 12 and r["failed"] == 0, r["errors"]
+        assert r["total_output_tokens"] == 12 * 5
+    assert served["connections"] >= 24  # one per request: nothing was served twice on one

@@ -214,6 +214,12 @@ def test_32_concurrent_streams_equal_offline_greedy(
 
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, "Invalid JSON"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+        400,
+        "messages.0.role",
+    ),
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, 400, "top_p"),
@@ -588,3 +594,18 @@ def test_prefix_cache_beam_search_and_best_of_over_http(
         resp.status_code == 400
         and "cannot be combined with stream" in resp.json()["error"]["message"]
     )
+
+
+def test_every_openai_chat_role_is_accepted(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+        ],
+        max_tokens=4,
+    )
+    assert resp.choices[0].message.content is not None

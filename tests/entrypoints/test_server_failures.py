@@ -4,6 +4,7 @@ engine loop answering 503 instead of hanging clients (in-process, tiny model).""
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import pytest
@@ -35,7 +36,7 @@ def test_unexpected_error_is_500_without_traceback(
     def broken(*a: Any, **k: Any) -> Any:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine, "add_request", broken)
     with TestClient(app, raise_server_exceptions=False) as client:
         resp = client.post(
             "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}
@@ -46,14 +47,15 @@ def test_unexpected_error_is_500_without_traceback(
     assert "secret internal detail" not in resp.text and "Traceback" not in resp.text
 
 
-def test_dead_engine_answers_503(tiny_app: tuple[AsyncLLM, Any], monkeypatch: Any) -> None:
+def test_dead_engine_answers_503(tiny_app: tuple[AsyncLLM, Any]) -> None:
     engine, app = tiny_app
-
-    def crash() -> Any:
-        raise RuntimeError("kernel fault")
-
-    monkeypatch.setattr(engine.core, "step", crash)
     with TestClient(app, raise_server_exceptions=False) as client:
+        ok = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+        engine.client.kill()  # the engine process dies
+        deadline = time.monotonic() + 30
+        while not engine.errored and time.monotonic() < deadline:
+            time.sleep(0.05)
         first = client.post(
             "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}
         )

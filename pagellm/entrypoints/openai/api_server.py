@@ -231,17 +231,16 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
             raise RequestValidationError(e.errors()) from None
         fields = dict(body.model_extra or {})
         completion.check_model(body.model)
-        completion.check_capacity()
         tokenized = completion.tokenize_prompt(body.prompt, True)
         fields.setdefault("max_tokens", completion.resolve_max_tokens(len(tokenized[1]), None))
+        priority = fields.pop("priority", 0)
         kind = RequestOutputKind.CUMULATIVE if body.stream else RequestOutputKind.FINAL_ONLY
         params = SamplingParams(**fields, output_kind=kind)
         prefix = tokenized[0] or ""
-        gen = engine.generate(
-            {"prompt": tokenized[0], "prompt_token_ids": tokenized[1]},
-            params,
-            f"gen-{random_uuid()}",
-        )
+        (gen,) = completion.admit(
+            [({"prompt": tokenized[0], "prompt_token_ids": tokenized[1]}, params)],
+            f"gen-{random_uuid()}", priority,
+        )  # fmt: skip
         if body.stream:
 
             async def stream() -> AsyncGenerator[bytes, None]:
@@ -266,6 +265,15 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     async def health() -> Response:
         if engine.errored:
             return error_json(APIError.engine_dead())
+        if engine.stalled:
+            return error_json(
+                APIError(
+                    503,
+                    f"No engine step has completed for over {engine.step_timeout:.0f} s.",
+                    "server_error",
+                    code="engine_stalled",
+                )
+            )
         return Response(status_code=200)
 
     @app.get("/ping")
@@ -287,7 +295,9 @@ async def serve(args: argparse.Namespace) -> int:
     engine_args = EngineArgs.from_cli_args(args)
     if args.model_positional:
         engine_args.model = args.model_positional
-    engine = AsyncLLM.from_engine_args(engine_args, max_queued_requests=args.max_queued_requests)
+    engine = AsyncLLM.from_engine_args(
+        engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
+    )
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,
@@ -309,12 +319,26 @@ async def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    exit_code = 0
+
+    def on_engine_dead(reason: str) -> None:
+        # Every in-flight stream has its error already; stop serving and exit non-zero
+        # so that a supervisor restarts the server.
+        nonlocal exit_code
+        exit_code = 1
+        server.should_exit = True
+
+    engine.on_dead.append(on_engine_dead)
     logger.info(
-        "serving %s on http://%s:%d", engine.config.model.served_model_name, args.host, args.port
-    )
-    await server.serve()
+        "serving %s on http://%s:%d (engine process %s)", engine.config.model.served_model_name,
+        args.host, args.port, engine.client.pid,
+    )  # fmt: skip
+    try:
+        await server.serve()
+    finally:
+        engine.shutdown()
     logger.info("server stopped")
-    return 0
+    return exit_code
 
 
 class _Server(uvicorn.Server):
@@ -345,6 +369,9 @@ def add_parser(sub: Any) -> None:
                    help="refuse new requests with 429 while this many wait")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")  # fmt: skip
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="a step longer than this (seconds) is logged and turns /health 503 "
+                   "until steps complete again (0: no watchdog)")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
     EngineArgs.add_cli_args(p)
     p.set_defaults(handler=run)

@@ -68,6 +68,8 @@ class SamplingFields(OpenAIModel):
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     cache_salt: str | None = None
+    priority: int = 0
+    """With --scheduling-policy priority: lower values are served first (vLLM's field)."""
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, kind: RequestOutputKind
@@ -140,9 +142,12 @@ class CompletionRequest(SamplingFields):
     add_special_tokens: bool = True
 
 
+ChatRole = Literal["system", "user", "assistant", "tool", "developer"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: ChatRole
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

@@ -73,6 +73,23 @@ class APIError(Exception):
         )
 
 
+def stream_error(e: BaseException) -> str:
+    """The SSE error event for an exception met mid-stream (the stream then ends with
+    [DONE], as every accepted stream does); unexpected ones are logged, not shown."""
+    from pagellm.engine.async_llm import EngineDeadError
+
+    if isinstance(e, APIError):
+        err = e
+    elif isinstance(e, EngineDeadError):
+        err = APIError.engine_dead()
+    elif isinstance(e, ValueError):
+        err = APIError.bad_request(str(e))
+    else:
+        logger.error("error while streaming", exc_info=e)
+        err = APIError(500, "Internal server error.", "server_error")
+    return sse(err.body())
+
+
 def sse(data: BaseModel | dict[str, Any] | str, exclude: set[str] | None = None) -> str:
     """One Server-Sent Event line: ``data: <json>``."""
     if isinstance(data, BaseModel):
@@ -185,6 +202,24 @@ class OpenAIServing:
             )
         if self.engine.errored:
             raise APIError.engine_dead()
+
+    def admit(
+        self, prompts: list[tuple[dict[str, Any], Any]], request_id: str, priority: int
+    ) -> list[Any]:
+        """Admit every prompt of one API request now, before any response starts (a full
+        queue is 429 here, not a broken stream); all or none: if one is refused, the ones
+        already admitted are aborted."""
+        self.check_capacity(len(prompts))
+        streams: list[Any] = []
+        try:
+            for i, (prompt, params) in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                streams.append(self.engine.add_request(prompt, params, rid, priority=priority))
+        except BaseException:
+            for s in streams:
+                s.abort_if_unfinished()
+            raise
+        return streams
 
     def tokenize_prompt(
         self, prompt: str | list[int], add_special_tokens: bool

@@ -20,7 +20,13 @@ from pagellm.entrypoints.openai.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from pagellm.entrypoints.openai.serving_base import SSE_DONE, APIError, OpenAIServing, sse
+from pagellm.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    APIError,
+    OpenAIServing,
+    sse,
+    stream_error,
+)
 from pagellm.outputs import CompletionOutput, Logprob
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -79,10 +85,9 @@ class OpenAIServingChat(OpenAIServing):
         self, req: ChatCompletionRequest, request_id: str | None = None
     ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
         model, text, ids, params = self._prepare(req)
-        self.check_capacity()
         request_id = request_id or f"chatcmpl-{random_uuid()}"
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-        gen = self.engine.generate(prompt, params, request_id)
+        (gen,) = self.admit([(prompt, params)], request_id, req.priority)
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, gen)
@@ -163,10 +168,8 @@ class OpenAIServingChat(OpenAIServing):
                         id=request_id, created=created, model=model, choices=[], usage=usage
                     )
                 )
-        except APIError as e:
-            yield sse(e.body())
-        except ValueError as e:
-            yield sse(APIError.bad_request(str(e)).body())
+        except Exception as e:  # the stream still ends properly
+            yield stream_error(e)
         yield SSE_DONE
 
     def _logprobs(self, comp: CompletionOutput, top: int) -> ChatLogprobs:

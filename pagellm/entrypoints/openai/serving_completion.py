@@ -20,6 +20,7 @@ from pagellm.entrypoints.openai.serving_base import (
     OpenAIServing,
     merge_async_iterators,
     sse,
+    stream_error,
 )
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
@@ -65,12 +66,12 @@ class OpenAIServingCompletion(OpenAIServing):
         self, req: CompletionRequest, request_id: str | None = None
     ) -> CompletionResponse | AsyncGenerator[str, None]:
         model, tokenized, params = self._prepare(req)
-        self.check_capacity(len(tokenized))
         request_id = request_id or f"cmpl-{random_uuid()}"
-        generators = []
-        for i, ((text, ids), p) in enumerate(zip(tokenized, params)):
-            prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-            generators.append(self.engine.generate(prompt, p, f"{request_id}-{i}"))
+        prompts = [
+            ({"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}, p)
+            for (text, ids), p in zip(tokenized, params)
+        ]
+        generators = self.admit(prompts, f"{request_id}", req.priority)
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, generators, tokenized)
@@ -165,10 +166,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
                 )  # fmt: skip
                 yield sse(final)
-        except APIError as e:
-            yield sse(e.body())
-        except ValueError as e:
-            yield sse(APIError.bad_request(str(e)).body())
+        except Exception as e:  # the stream still ends properly
+            yield stream_error(e)
         yield SSE_DONE
 
     def _prompt_text(self, text: str | None, out: RequestOutput) -> str:
