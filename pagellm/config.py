@@ -122,6 +122,14 @@ class DeviceConfig:
     """Which build of the CPU kernels: auto (the best this CPU runs), avx512 or avx2."""
 
 
+@dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Constrained decoding (pagellm.core.structured_output)."""
+
+    backend: str = "llguidance"
+    """The grammar engine: llguidance or xgrammar."""
+
+
 @dataclass(frozen=True, eq=False)
 class EngineConfig:
     """Everything an engine needs, resolved."""
@@ -130,5 +138,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     log_stats: bool = False
     """Log throughput and cache usage every few seconds."""

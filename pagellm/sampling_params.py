@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
+from pagellm.core.structured_output import StructuredOutputsParams
 from pagellm.utils import strict_kwargs
 
 _SAMPLING_EPS = 1e-5
@@ -86,6 +88,9 @@ class SamplingParams:
     early_stopping: bool | str = False
     """Beam search stop rule: True (as soon as beam_width hypotheses are done), False
     (when no running beam can improve, by the usual heuristic) or "never"."""
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    """Constrain the output: a JSON schema, any JSON object, a regex, a choice of strings or
+    a grammar (see pagellm.core.structured_output); a dict is read as its fields."""
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     _report_logprobs: bool = field(default=True, repr=False)
 
@@ -107,6 +112,17 @@ class SamplingParams:
                 raise ValueError(
                     f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
                 ) from None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be StructuredOutputsParams or a dict")
+            if self.use_beam_search:
+                raise ValueError("structured_outputs is not supported with use_beam_search")
+            self.structured_outputs.grammar_text()  # a malformed constraint fails here
         self._verify()
         if self.use_beam_search:
             self.temperature = 0.0  # beams are ranked by logprob; nothing is sampled

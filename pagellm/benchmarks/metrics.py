@@ -35,6 +35,8 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    abandoned: bool = False
+    """The client left on purpose (--disconnect-rate): neither a success nor a failure."""
 
     @property
     def ttft(self) -> float | None:
@@ -106,7 +108,7 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """The run's metrics, with the JSON field names `vllm bench serve` uses."""
     ok = [r for r in results if r.success]
-    failed = [r for r in results if not r.success]
+    failed = [r for r in results if not r.success and not r.abandoned]
     total_in = sum(r.prompt_tokens for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -118,6 +120,7 @@ def compute_metrics(
         "duration": duration,
         "completed": len(ok),
         "failed": len(failed),
+        "abandoned": sum(r.abandoned for r in results),
         "errors": [r.error for r in failed][:5],
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,

@@ -59,8 +59,11 @@ async def send_request(
     ignore_eos: bool,
     headers: dict[str, str],
     tokenizer: Any,
+    abandon_after: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> RequestResult:
-    """One streaming request; never raises (errors become failed results)."""
+    """One streaming request; never raises (errors become failed results). With
+    ``abandon_after`` the client leaves after that many content chunks (a disconnect)."""
     import aiohttp
 
     body: dict[str, Any] = {
@@ -76,6 +79,7 @@ async def send_request(
         body["prompt"] = req.prompt if req.prompt is not None else req.prompt_token_ids
     if ignore_eos:
         body["ignore_eos"] = True
+    body.update(extra or {})
     result = RequestResult(success=False, start=time.perf_counter(), prompt_tokens=req.prompt_len)
     text_parts: list[str] = []
     usage: dict[str, Any] | None = None
@@ -117,6 +121,10 @@ async def send_request(
                         if piece:
                             result.chunk_times.append(time.perf_counter())
                             text_parts.append(piece)
+                    if abandon_after is not None and len(result.chunk_times) >= abandon_after:
+                        result.abandoned = True
+                        result.end = time.perf_counter()
+                        return result  # leaving the `async with` closes the connection
         result.end = time.perf_counter()
         if usage is not None:
             result.output_tokens = int(usage.get("completion_tokens", 0))
@@ -134,6 +142,54 @@ async def send_request(
     return result
 
 
+# A JSON schema whose documents outrun any usual --output-len (40 records of a few fields):
+# constrained requests then stop at max_tokens like unconstrained ones, so the two runs
+# produce the same number of tokens and their TPOTs compare.
+RECORDS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "minItems": 40,
+            "maxItems": 40,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 24},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                    "role": {"enum": ["admin", "editor", "viewer"]},
+                    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+                    "score": {"type": "number"},
+                },
+                "required": ["name", "age", "role", "tags", "score"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["records"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def constraint_fields(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The request fields that constrain every request to --json-schema (or None)."""
+    if not getattr(args, "json_schema", None):
+        return None
+    if args.json_schema == "records":
+        schema = RECORDS_SCHEMA
+    else:
+        with open(args.json_schema) as f:
+            schema = json.load(f)
+    if args.endpoint.endswith("chat/completions"):
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "bench", "schema": schema},
+            }
+        }
+    return {"guided_json": schema}  # vLLM's (and pagellm's) completions field
+
+
 async def run_once(
     args: argparse.Namespace,
     requests: list[RandomRequest],
@@ -148,12 +204,16 @@ async def run_once(
     rng = random.Random(args.seed)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=0)
+    constraint = constraint_fields(args)
     bar = tqdm(
         total=len(requests), desc=f"concurrency {concurrency or 'inf'}", disable=args.no_progress
     )
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def one(req: RandomRequest) -> RequestResult:
+            leave = None
+            if args.disconnect_rate and rng.random() < args.disconnect_rate:
+                leave = rng.randrange(0, max(1, req.output_len // 2))
             async with limit if limit is not None else contextlib.nullcontext():
                 r = await send_request(
                     session,
@@ -164,6 +224,8 @@ async def run_once(
                     args.ignore_eos,
                     headers,
                     tokenizer,
+                    leave,
+                    constraint,
                 )
             bar.update(1)
             return r
@@ -234,6 +296,15 @@ def run(args: argparse.Namespace) -> int:
         args.seed = base_seed + 1000 * level
         requests = build_requests(args, tokenizer)
         results, duration = asyncio.run(run_once(args, requests, concurrency, tokenizer))
+        wave = 0
+        while args.duration and duration < args.duration:  # a soak: new prompts per wave
+            wave += 1
+            args.seed = base_seed + 1000 * level + wave
+            more, took = asyncio.run(
+                run_once(args, build_requests(args, tokenizer), concurrency, tokenizer)
+            )
+            results += more
+            duration += took
         m = compute_metrics(results, duration, slos)
         m.update(
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -279,7 +350,7 @@ def _print_run(m: dict[str, Any], results: list[RequestResult]) -> None:
     rows: list[tuple[str, Any]] = [
         ("Max concurrency", m["max_concurrency"] or "inf"),
         ("Request rate (req/s)", m["request_rate"]),
-        ("Succeeded / failed requests", f"{m['completed']} / {m['failed']}"),
+        ("Succeeded / failed / abandoned", f"{m['completed']} / {m['failed']} / {m['abandoned']}"),
         ("Benchmark duration (s)", f"{m['duration']:.2f}"),
         ("Total input tokens", m["total_input_tokens"]),
         ("Total generated tokens", m["total_output_tokens"]),
@@ -371,6 +442,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--goodput", default=None, help="SLOs, e.g. ttft:500,tpot:50 (ms)")
     p.add_argument("--request-timeout", type=float, default=6 * 3600)
+    p.add_argument("--disconnect-rate", type=float, default=0.0,
+                   help="share of requests whose client leaves mid-stream (a soak's disconnects)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=0.0,
+                   help="seconds: repeat waves of fresh prompts until this long (a soak)")  # fmt: skip
+    p.add_argument("--json-schema", default=None,
+                   help="constrain every request to this JSON schema file, or 'records' (a "
+                   "built-in schema longer than --output-len): structured-output cost")  # fmt: skip
     p.add_argument("--output-json", default=None)
     p.add_argument("--results-db", default=None, help="SQLite file; each run is appended")
     p.add_argument("--plot-dir", default=None, help="write throughput and latency PNGs here")

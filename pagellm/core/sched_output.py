@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from pagellm.sampling_params import SamplingParams
 
@@ -51,6 +53,11 @@ class SchedulerOutput:
     """Requests that ended or were preempted since the last step: the worker drops them."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV block copies to run before the forward pass (copy-on-write)."""
+    structured_req_ids: list[str] = field(default_factory=list)
+    """Constrained requests that sample this step, in the order of structured_bitmask's rows."""
+    structured_bitmask: np.ndarray | None = None
+    """[len(structured_req_ids), ceil(vocab / 32)] int32: bit t of word t // 32 set = token
+    t may be sampled (structured outputs)."""
 
     @property
     def is_empty(self) -> bool:

@@ -31,6 +31,7 @@ from pagellm.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from pagellm.core.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         num_blocks: int,
+        structured: StructuredOutputManager | None = None,
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
@@ -57,6 +59,10 @@ class Scheduler:
         # Tokens appended by append_token that the worker has not been sent yet.
         self._pending_tokens: dict[str, list[int]] = {}
         self.num_preemptions = 0
+        # Structured outputs: the grammar matchers (None: the engine has no backend).
+        self.structured = structured
+        # Requests that ended outside a step (a grammar that did not compile).
+        self._failed: list[str] = []
 
     # ---- requests in and out ----------------------------------------------------------
 
@@ -65,6 +71,11 @@ class Scheduler:
         for r in (request, *request.pending_forks):
             if r.req_id in self.requests:
                 raise ValueError(f"request id {r.req_id!r} is already in use")
+        constraint = request.sampling_params.structured_outputs
+        if constraint is not None:
+            if self.structured is None:
+                raise ValueError("this engine has no structured outputs backend")
+            self.structured.add(request.req_id, constraint)  # type: ignore[arg-type]
         for child in request.pending_forks:
             child.fork_parent = request
             self.requests[child.req_id] = child
@@ -118,6 +129,9 @@ class Scheduler:
             else:
                 self.waiting.remove(request)
             request.status = status
+            if request.pending_forks and self.structured is not None:
+                # The heir (below) needs the constraint state before it is freed.
+                self.structured.fork(request.req_id, request.pending_forks[0].req_id)
             self._free_request(request)
             if request.pending_forks:
                 # Its siblings still want to run: the first takes over as the fork parent.
@@ -154,6 +168,8 @@ class Scheduler:
     def _start_fork(self, parent: Request, child: Request) -> None:
         """``child`` runs on from where ``parent`` is, sharing all of its KV blocks."""
         self.kv.fork(parent, child)
+        if self.structured is not None:
+            self.structured.fork(parent.req_id, child.req_id)
         child.num_computed_tokens = parent.num_computed_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
@@ -168,6 +184,8 @@ class Scheduler:
 
     def _free_request(self, request: Request) -> None:
         self.kv.free(request)
+        if self.structured is not None:
+            self.structured.free(request.req_id)
         self.requests.pop(request.req_id, None)
         self._pending_tokens.pop(request.req_id, None)
         if request.req_id in self._worker_known:
@@ -246,6 +264,7 @@ class Scheduler:
                 new_reqs.append(self._new_request_data(request))
             i += 1
 
+        skipped: list[Request] = []
         while (
             not preempted_any
             and self.waiting
@@ -253,6 +272,9 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            if not self._grammar_ready(request):
+                skipped.append(self.waiting.popleft())  # still compiling: others go first
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.compute_target - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -274,6 +296,9 @@ class Scheduler:
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
 
+        for request in reversed(skipped):
+            self.waiting.appendleft(request)
+
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
             self._worker_known.add(req_id)
@@ -286,8 +311,33 @@ class Scheduler:
             finished_req_ids=self._finished_ids,
             block_copies=self.kv.take_pending_copies(),
         )
+        if self.structured is not None:
+            # The constrained requests that sample this step get their allowed tokens.
+            ids = [
+                r for r in num_scheduled
+                if self.structured.has(r)
+                and self.requests[r].num_computed_tokens == self.requests[r].num_tokens
+            ]  # fmt: skip
+            if ids:
+                out.structured_req_ids = ids
+                out.structured_bitmask = self.structured.bitmask(ids)
         self._finished_ids = set()
         return out
+
+    def _grammar_ready(self, request: Request) -> bool:
+        """Whether a waiting request may be admitted: no constraint, or its grammar is
+        compiled. One that failed to compile is finished (reported at the next update)."""
+        if self.structured is None or request.sampling_params.structured_outputs is None:
+            return True
+        if not self.structured.is_ready(request.req_id):
+            return False
+        if not self.structured.has(request.req_id):
+            self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED_ABORTED
+            self._free_request(request)
+            self._failed.append(request.req_id)
+            return False
+        return True
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         self._pending_tokens.pop(request.req_id, None)  # the full token list goes along
@@ -306,7 +356,11 @@ class Scheduler:
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, finish requests that stop, free their blocks at once."""
-        outputs: list[EngineCoreOutput] = []
+        outputs: list[EngineCoreOutput] = [
+            EngineCoreOutput(req_id=r, new_token_ids=[], finish_reason="abort")
+            for r in self._failed
+        ]
+        self._failed = []
         for idx, req_id in enumerate(result.req_ids):
             request = self.requests.get(req_id)
             if request is None or request.is_finished:
@@ -324,10 +378,15 @@ class Scheduler:
             if not new_ids and prompt_lps is None:
                 continue
             appended: list[int] = []
+            constrained = self.structured is not None and self.structured.has(req_id)
             for tok in new_ids:
                 request.append_output_token(tok)
                 appended.append(tok)
+                grammar_done = constrained and self.structured.accept(req_id, [tok])  # type: ignore[union-attr]
                 if request.check_stop():
+                    break
+                if grammar_done:  # the constraint is complete: nothing else may follow
+                    request.status = RequestStatus.FINISHED_STOPPED
                     break
             lps = None
             if result.logprobs is not None and new_ids:

@@ -27,6 +27,7 @@ from pagellm.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagellm.utils import parse_size, strict_kwargs
 
@@ -92,6 +93,9 @@ class EngineArgs:
     """Most requests per step."""
     max_num_batched_tokens: int | None = None
     """Token budget per step; default 512 on CPU, 8192 on GPU."""
+    structured_outputs_backend: str = "auto"
+    """The grammar engine of structured outputs: auto (llguidance, measured faster on CPU),
+    llguidance or xgrammar (when installed)."""
     scheduling_policy: str = "fcfs"
     """fcfs, or priority: requests with a lower priority value are admitted first and,
     under memory pressure, preempted last."""
@@ -134,6 +138,19 @@ class EngineArgs:
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "num_threads", "num_gpu_blocks_override"):  # fmt: skip
             positive(name)
+        if self.structured_outputs_backend not in ("auto", "llguidance", "xgrammar"):
+            raise ValueError(
+                "structured_outputs_backend must be auto, llguidance or xgrammar, got "
+                f"{self.structured_outputs_backend!r}"
+            )
+        if self.structured_outputs_backend == "xgrammar":
+            from pagellm.core.structured_output import available_backends
+
+            if "xgrammar" not in available_backends():
+                raise ValueError(
+                    "structured_outputs_backend xgrammar is not installed: "
+                    "pip install --no-deps xgrammar apache-tvm-ffi"
+                )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
@@ -241,6 +258,11 @@ class EngineArgs:
                 native_kernels=self.native_kernels,
                 cpu_isa=self.cpu_isa,
             ),
+            structured_outputs=StructuredOutputsConfig(
+                backend="llguidance"
+                if self.structured_outputs_backend == "auto"
+                else self.structured_outputs_backend
+            ),
             log_stats=self.log_stats,
         )
 
@@ -291,6 +313,8 @@ class EngineArgs:
         add("--max-num-seqs", type=int, default=256, help="most requests per step")
         add("--max-num-batched-tokens", type=int, default=None,
             help="token budget per step (default 512 on CPU, 8192 on GPU)")  # fmt: skip
+        add("--structured-outputs-backend", default="auto", choices=("auto", "llguidance", "xgrammar"),
+            help="grammar engine of structured outputs (JSON schema, regex, choice, grammar)")  # fmt: skip
         add("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
             help="fcfs, or priority (the request field `priority`: lower first)")  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")

@@ -6,6 +6,8 @@ state; the ValueError names the parameter (and both numbers for lengths).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -145,4 +147,16 @@ def _normalize_message(message: Any) -> dict[str, Any]:
         message = {**message, "content": "".join(texts)}
     elif content is None:
         message = {**message, "content": ""}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        # OpenAI sends arguments as JSON text; chat templates expect the object.
+        fixed = []
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                with contextlib.suppress(ValueError):  # not JSON: left as it is
+                    fn = {**fn, "arguments": json.loads(fn["arguments"])}
+                call = {**call, "function": fn}
+            fixed.append(call)
+        message = {**message, "tool_calls": fixed}
     return message

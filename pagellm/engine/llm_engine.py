@@ -20,6 +20,7 @@ from pagellm.config import EngineConfig
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.core.scheduler import Scheduler
+from pagellm.core.structured_output import StructuredOutputManager
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.beam_search import BeamSearchGroup, candidates_per_beam
 from pagellm.engine.input_processor import InputProcessor, PromptType
@@ -54,7 +55,16 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config)
         self.plan: KVCachePlan = self.runner.initialize_kv_cache()
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.plan.num_blocks)
+        mc = config.model
+        self.structured = StructuredOutputManager(
+            lambda: load_tokenizer(mc.tokenizer, mc.chat_template),
+            int(mc.hf_config.vocab_size),
+            mc.eos_token_ids,
+            config.structured_outputs.backend,
+        )
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, self.plan.num_blocks, self.structured
+        )
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self.last_step: StepStats | None = None
         # Everything built so far (the model's modules and tensors, the tokenizer) lives as

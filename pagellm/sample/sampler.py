@@ -45,6 +45,11 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
     """Largest top-N asked for in this batch; None when no row wants logprobs."""
+    token_bitmask: torch.Tensor | None = None
+    """[n, ceil(vocab / 32)] int32 from the structured-output matchers: bit t % 32 of word
+    t // 32 set = token t allowed; None when no row is constrained."""
+    bitmask_rows: torch.Tensor | None = None
+    """[n] the rows (of this batch) the bitmask's rows belong to."""
 
     @property
     def no_penalties(self) -> bool:
@@ -72,6 +77,20 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
         padded = padded.to(device)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: -inf for every token a constrained row may not sample (also past the
+    bitmask's end, for vocabularies padded beyond the tokenizer's)."""
+    n, vocab = rows.numel(), logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [n, words, 32]
+    allowed = bits.reshape(n, -1).bool()
+    if allowed.shape[1] < vocab:
+        pad = torch.zeros(n, vocab - allowed.shape[1], dtype=torch.bool, device=allowed.device)
+        allowed = torch.cat([allowed, pad], dim=1)
+    sub = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], _MASK)
+    logits.index_copy_(0, rows, sub)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -119,7 +138,12 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
-        if meta.min_tokens_blocked or meta.logit_bias or not meta.no_penalties:
+        if (
+            meta.min_tokens_blocked
+            or meta.logit_bias
+            or not meta.no_penalties
+            or meta.token_bitmask is not None
+        ):
             logits = logits.clone()
         for row, ids in meta.min_tokens_blocked:
             logits[row, ids] = _MASK
@@ -131,6 +155,9 @@ class Sampler:
                     logits[row].index_add_(0, ids_t, vals_t)
         if not meta.no_penalties:
             logits = apply_penalties(logits, meta)
+        if meta.token_bitmask is not None:
+            assert meta.bitmask_rows is not None
+            apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
 
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)

@@ -278,9 +278,15 @@ class ModelRunner:
             n_sample = len(sample_req_idx)
             if n_sample:
                 sample_states = [states[i] for i in sample_req_idx]
-                out = self.sampler(
-                    logits[:n_sample], self._sampling_metadata(sample_states, rows[sample_req_idx])
-                )
+                smeta = self._sampling_metadata(sample_states, rows[sample_req_idx])
+                if sched.structured_req_ids:
+                    position = {states[i].req_id: j for j, i in enumerate(sample_req_idx)}
+                    assert sched.structured_bitmask is not None
+                    smeta.token_bitmask = torch.from_numpy(sched.structured_bitmask).to(dev)
+                    smeta.bitmask_rows = torch.tensor(
+                        [position[r] for r in sched.structured_req_ids], device=dev
+                    )
+                out = self.sampler(logits[:n_sample], smeta)
                 tokens = out.sampled.tolist()
                 for j, i in enumerate(sample_req_idx):
                     sampled_lists[i] = [tokens[j]]

@@ -157,3 +157,61 @@ def test_bench_serve_survives_servers_that_close_connections(tmp_path: Any) -> N
         assert r["completed"] == 12 and r["failed"] == 0, r["errors"]
         assert r["total_output_tokens"] == 12 * 5
     assert served["connections"] >= 24  # one per request: nothing was served twice on one
+
+
+def test_soak_options_abandon_streams_and_repeat_waves(server: Any, tmp_path: Any) -> None:
+    import time
+
+    import httpx
+
+    out = tmp_path / "soak.json"
+    proc = bench(
+        "--base-url", server.url(), "--api-key", API_KEY, "--num-prompts", "6", "--input-len", "8:32",
+        "--output-len", "8:24", "--max-concurrency", "3", "--ignore-eos", "--disconnect-rate", "0.5",
+        "--duration", "4", "--output-json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["failed"] == 0, r["errors"]
+    assert r["abandoned"] > 0 and r["completed"] > 0
+    assert r["completed"] + r["abandoned"] >= 12  # at least two waves of 6
+    assert "Succeeded / failed / abandoned" in proc.stdout
+    # Every abandoned stream was aborted on the server: nothing left running or holding KV.
+    deadline = time.monotonic() + 30
+    while True:
+        m = httpx.get(server.url("/metrics")).text
+        running = next(
+            line for line in m.splitlines() if line.startswith("pagellm:num_requests_running")
+        )
+        usage = next(
+            line for line in m.splitlines() if line.startswith("pagellm:kv_cache_usage_perc")
+        )
+        if running.endswith(" 0.0") and usage.endswith(" 0.0"):
+            break
+        assert time.monotonic() < deadline, (running, usage)
+        time.sleep(0.2)
+
+
+def test_json_schema_option_constrains_every_request(server: Any, tmp_path: Any) -> None:
+    """--json-schema reaches the server: a schema that admits one short document ends every
+    request long before --output-len, on both endpoints; 'records' outruns it."""
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"enum": ["yes"]}))
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        out = tmp_path / "constrained.json"
+        proc = bench(
+            "--base-url", server.url(), "--api-key", API_KEY, "--num-prompts", "4",
+            "--input-len", "16", "--output-len", "32", "--ignore-eos", "--endpoint", endpoint,
+            "--json-schema", str(schema), "--output-json", str(out), "--no-progress",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads(out.read_text())
+        assert r["completed"] == 4 and r["total_output_tokens"] <= 4 * 4, r
+    out = tmp_path / "records.json"
+    proc = bench(
+        "--base-url", server.url(), "--api-key", API_KEY, "--num-prompts", "2", "--input-len", "16",
+        "--output-len", "24", "--json-schema", "records", "--output-json", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["completed"] == 2 and r["total_output_tokens"] == 2 * 24, r

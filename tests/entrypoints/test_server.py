@@ -284,7 +284,7 @@ BAD_REQUESTS = [
             "tools": [{"type": "function"}],
         },
         400,
-        "tools is not supported",
+        "tools[0] must be {'type': 'function', 'function'",
     ),
     (
         "/v1/chat/completions",

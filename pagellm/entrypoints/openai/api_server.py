@@ -83,7 +83,7 @@ async def run_cancellable(request: Request, work: Awaitable[Any]) -> Any:
 def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     names = [engine.config.model.served_model_name]
     completion = OpenAIServingCompletion(engine, names)
-    chat = OpenAIServingChat(engine, names)
+    chat = OpenAIServingChat(engine, names, getattr(args, "tool_call_parser", "hermes"))
     prometheus = PrometheusStatLogger(names[0])
     engine.stat_loggers.append(prometheus)
     if getattr(args, "log_stats", False):
@@ -369,6 +369,8 @@ def add_parser(sub: Any) -> None:
                    help="refuse new requests with 429 while this many wait")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")  # fmt: skip
+    p.add_argument("--tool-call-parser", default="hermes", choices=("hermes", "llama3_json"),
+                   help="how tool calls are found in replies (tool_choice auto)")  # fmt: skip
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="a step longer than this (seconds) is logged and turns /health 503 "
                    "until steps complete again (0: no watchdog)")  # fmt: skip

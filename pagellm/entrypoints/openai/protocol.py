@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from pagellm.core.structured_output import StructuredOutputsParams
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
 
@@ -35,6 +36,11 @@ class ErrorResponse(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -68,6 +74,13 @@ class SamplingFields(OpenAIModel):
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     cache_salt: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
     priority: int = 0
     """With --scheduling-policy priority: lower values are served first (vLLM's field)."""
 
@@ -117,13 +130,47 @@ class SamplingFields(OpenAIModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             output_kind=kind,
+            structured_outputs=self.structured(),
         )
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever field carries it (one only);
+        ValueError naming the field for a malformed one."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs", dict(self.structured_outputs)))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                found.append((name, {key: value}))
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            spec = fmt.json_schema or {}
+            schema = spec.get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+            found.append(("response_format", {"json": schema}))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise ValueError(
+                f"{found[1][0]} cannot be combined with {found[0][0]}: give one output constraint"
+            )
+        name, fields = found[0]
+        try:
+            params = StructuredOutputsParams(**fields)
+            params.grammar_text()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
+        return params
 
 
 # OpenAI fields that exist but are not implemented: refused by name.
 UNSUPPORTED_COMPLETION_FIELDS = ("suffix",)
 UNSUPPORTED_CHAT_FIELDS = (
-    "tools",
     "functions",
     "audio",
     "modalities",
@@ -150,11 +197,6 @@ class ChatMessage(BaseModel):
     role: ChatRole
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-
-
-class ResponseFormat(OpenAIModel):
-    type: str
-    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -238,9 +280,41 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChoice(BaseModel):
@@ -266,6 +340,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:
