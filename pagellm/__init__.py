@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "LoRARequest", "RequestOutput", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from pagellm.entrypoints.llm import LLM
+    from pagellm.lora.request import LoRARequest
     from pagellm.outputs import RequestOutput
     from pagellm.sampling_params import SamplingParams
 
@@ -20,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from pagellm.entrypoints.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from pagellm.lora.request import LoRARequest
+
+        return LoRARequest
     if name == "SamplingParams":
         from pagellm.sampling_params import SamplingParams
 

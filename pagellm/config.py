@@ -130,6 +130,18 @@ class StructuredOutputsConfig:
     """The grammar engine: llguidance or xgrammar."""
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (pagellm.lora); present only when LoRA is enabled."""
+
+    max_loras: int = 1
+    """Most distinct adapters among the requests of one step (the active set)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted."""
+    max_cpu_loras: int = 1
+    """Most adapters kept loaded in host memory (an LRU; at least max_loras)."""
+
+
 @dataclass(frozen=True, eq=False)
 class EngineConfig:
     """Everything an engine needs, resolved."""
@@ -139,5 +151,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    lora: LoRAConfig | None = None
+    """Multi-LoRA settings; None: adapters are refused."""
     log_stats: bool = False
     """Log throughput and cache usage every few seconds."""

@@ -209,8 +209,9 @@ async def run_once(
         total=len(requests), desc=f"concurrency {concurrency or 'inf'}", disable=args.no_progress
     )
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        models = lora_models(args) or [args.model]
 
-        async def one(req: RandomRequest) -> RequestResult:
+        async def one(i: int, req: RandomRequest) -> RequestResult:
             leave = None
             if args.disconnect_rate and rng.random() < args.disconnect_rate:
                 leave = rng.randrange(0, max(1, req.output_len // 2))
@@ -219,7 +220,7 @@ async def run_once(
                     session,
                     args.base_url,
                     args.endpoint,
-                    args.model,
+                    models[i % len(models)],
                     req,
                     args.ignore_eos,
                     headers,
@@ -237,8 +238,8 @@ async def run_once(
         )
         started = time.perf_counter()
         tasks = []
-        for req in requests:
-            tasks.append(asyncio.ensure_future(one(req)))
+        for i, req in enumerate(requests):
+            tasks.append(asyncio.ensure_future(one(i, req)))
             if args.request_rate != float("inf"):
                 shape = args.burstiness
                 await asyncio.sleep(rng.gammavariate(shape, 1.0 / (args.request_rate * shape)))
@@ -246,6 +247,12 @@ async def run_once(
         duration = time.perf_counter() - started
     bar.close()
     return results, duration
+
+
+def lora_models(args: argparse.Namespace) -> list[str]:
+    """--lora-modules: the model names requests take in turn (adapters, or the base)."""
+    value = getattr(args, "lora_modules", None)
+    return [n for n in value.split(",") if n] if value else []
 
 
 def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[RandomRequest]:
@@ -310,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
             base_url=args.base_url,
             endpoint=args.endpoint,
-            model=args.model,
+            model=",".join(lora_models(args)) or args.model,
             dataset=args.dataset,
             num_prompts=len(requests),
             seed=args.seed,
@@ -449,6 +456,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json-schema", default=None,
                    help="constrain every request to this JSON schema file, or 'records' (a "
                    "built-in schema longer than --output-len): structured-output cost")  # fmt: skip
+    p.add_argument("--lora-modules", default=None, metavar="NAME,NAME,...",
+                   help="spread requests over these model names in turn (LoRA adapters; "
+                   "include the base model's name to mix it in)")  # fmt: skip
     p.add_argument("--output-json", default=None)
     p.add_argument("--results-db", default=None, help="SQLite file; each run is appended")
     p.add_argument("--plot-dir", default=None, help="write throughput and latency PNGs here")

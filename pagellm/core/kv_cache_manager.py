@@ -66,7 +66,7 @@ class KVCacheManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
             hashes.append(
-                hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_salt)
+                hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_key)
             )
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:

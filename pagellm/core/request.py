@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pagellm.lora.request import LoRARequest
     from pagellm.sampling_params import SamplingParams
 
 
@@ -56,6 +57,7 @@ class Request:
         max_model_len: int | None = None,
         arrival_time: float | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -63,6 +65,7 @@ class Request:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
+        self.lora_request = lora_request
         self.priority = 0  # lower runs first under the priority policy
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
@@ -95,6 +98,19 @@ class Request:
         return self.num_tokens - 1 if self.pending_forks else self.num_tokens
 
     @property
+    def lora_id(self) -> int:
+        """The adapter's id; 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
+
+    @property
+    def cache_key(self) -> object:
+        """What keeps this request's prefix-cache blocks apart from others' with the same
+        tokens: its cache salt and its adapter."""
+        if self.lora_request is None:
+            return self.cache_salt
+        return (self.cache_salt, self.lora_request.cache_key)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 
@@ -120,6 +136,7 @@ class Request:
             None,
             self.arrival_time,
             self.cache_salt,
+            self.lora_request,
         )
         child.max_tokens = self.max_tokens
         child.output_token_ids = list(self.output_token_ids)

@@ -43,8 +43,11 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         structured: StructuredOutputManager | None = None,
+        max_loras: int = 0,
     ) -> None:
         self.config = scheduler_config
+        # Most distinct LoRA adapters among running requests (0: LoRA is off).
+        self.max_loras = max_loras
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
@@ -275,6 +278,9 @@ class Scheduler:
             if not self._grammar_ready(request):
                 skipped.append(self.waiting.popleft())  # still compiling: others go first
                 continue
+            if not self._lora_fits(request):
+                skipped.append(self.waiting.popleft())  # its adapter waits for a free slot
+                continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.compute_target - num_hit_tokens, budget)
             if self.kv.allocate_slots(request, num_new, hits) is None:
@@ -324,6 +330,14 @@ class Scheduler:
         self._finished_ids = set()
         return out
 
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether admitting the request keeps the running adapters within max_loras."""
+        lora_id = request.lora_id
+        if lora_id == 0:
+            return True
+        active = {r.lora_id for r in self.running} - {0}
+        return lora_id in active or len(active) < self.max_loras
+
     def _grammar_ready(self, request: Request) -> bool:
         """Whether a waiting request may be admitted: no constraint, or its grammar is
         compiled. One that failed to compile is finished (reported at the next update)."""
@@ -348,6 +362,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             block_ids=list(request.block_ids),
             num_computed_tokens=request.num_computed_tokens,
+            lora_request=request.lora_request,
         )
 
     # ---- results ----------------------------------------------------------------------

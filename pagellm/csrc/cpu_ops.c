@@ -500,3 +500,98 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
         free(scores);
     }
 }
+
+/* ---- LoRA: y[rows] += (x[rows] Aᵀ) Bᵀ for every adapter group of a step -------------
+ * One call per Linear serves every group (adapter) of the step. Per group g:
+ *   rows[n]      its token rows of x [*, in] and y [*, out]
+ *   a [R, in]    the adapter's A, shards stacked along the rank
+ *   bt [R, out]  its Bᵀ (already scaled); rank row r only writes columns
+ *                [col_lo[r], col_hi[r]) (its shard's output rows), the rest is not read
+ *   s            scratch [n, R] for the shrunk activations
+ * Shrink: one dot product per (token, rank row), parallel over (group, rank row) so each
+ * row of A is read once for all of the group's tokens. Expand: parallel over one column
+ * range per thread, so each element of Bᵀ is read once, in long contiguous runs. Every field is 8 bytes (see lora/layers.py). */
+typedef struct {
+    const int64_t* rows;
+    int64_t n;
+    const float* a;
+    const float* bt;
+    const int64_t* col_lo;
+    const int64_t* col_hi;
+    int64_t rank;
+    float* s;
+} LoraGroupDesc;
+
+static inline float dot_f32(const float* x, const float* w, int64_t n) {
+    vf acc0 = vf_zero(), acc1 = vf_zero();
+    int64_t k = 0;
+    for (; k + 2 * VW <= n; k += 2 * VW) {
+        acc0 = vf_fma(vf_load(x + k), vf_load(w + k), acc0);
+        acc1 = vf_fma(vf_load(x + k + VW), vf_load(w + k + VW), acc1);
+    }
+    for (; k + VW <= n; k += VW) acc0 = vf_fma(vf_load(x + k), vf_load(w + k), acc0);
+    float sum = vf_hsum(vf_add(acc0, acc1));
+    for (; k < n; k++) sum += x[k] * w[k];
+    return sum;
+}
+
+void pagellm_lora_apply(const float* x, float* y, int64_t in, int64_t out, const void* groups_,
+                        int64_t n_groups, int nthreads) {
+    const LoraGroupDesc* groups = (const LoraGroupDesc*)groups_;
+    int64_t total = 0;
+    for (int64_t g = 0; g < n_groups; g++) total += groups[g].rank;
+    if (total == 0) return; /* no adapter of this step targets this linear */
+    /* One contiguous column range per thread: each thread streams long runs of every
+     * rank row of Bᵀ (short chunks made it jump between rows every 256 bytes). */
+    int64_t chunk = (out + nthreads - 1) / (nthreads > 0 ? nthreads : 1);
+    chunk = (chunk + 4 * VW - 1) / (4 * VW) * (4 * VW);
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < total; k++) {
+            int64_t g = 0, r = k;
+            while (r >= groups[g].rank) r -= groups[g++].rank;
+            const LoraGroupDesc* d = &groups[g];
+            const float* ar = d->a + r * in;
+            for (int64_t t = 0; t < d->n; t++)
+                d->s[t * d->rank + r] = dot_f32(x + d->rows[t] * in, ar, in);
+        }
+#pragma omp for schedule(static)
+        for (int64_t c0 = 0; c0 < out; c0 += chunk) {
+            const int64_t c1 = c0 + chunk < out ? c0 + chunk : out;
+            /* Blocks of 4 vectors of one token's row stay in registers while every rank
+             * row adds into them; Bᵀ is zero outside a rank row's shard, so a block that
+             * straddles a shard edge is still right, and rows wholly outside are skipped. */
+            for (int64_t g = 0; g < n_groups; g++) {
+                const LoraGroupDesc* d = &groups[g];
+                for (int64_t t = 0; t < d->n; t++) {
+                    float* yr = y + d->rows[t] * out;
+                    const float* st = d->s + t * d->rank;
+                    int64_t c = c0;
+                    for (; c + 4 * VW <= c1; c += 4 * VW) {
+                        vf a0 = vf_load(yr + c), a1 = vf_load(yr + c + VW);
+                        vf a2 = vf_load(yr + c + 2 * VW), a3 = vf_load(yr + c + 3 * VW);
+                        for (int64_t r = 0; r < d->rank; r++) {
+                            if (d->col_hi[r] <= c || d->col_lo[r] >= c + 4 * VW) continue;
+                            const float* br = d->bt + r * out + c;
+                            const vf sv = vf_set1(st[r]);
+                            a0 = vf_fma(sv, vf_load(br), a0);
+                            a1 = vf_fma(sv, vf_load(br + VW), a1);
+                            a2 = vf_fma(sv, vf_load(br + 2 * VW), a2);
+                            a3 = vf_fma(sv, vf_load(br + 3 * VW), a3);
+                        }
+                        vf_store(yr + c, a0);
+                        vf_store(yr + c + VW, a1);
+                        vf_store(yr + c + 2 * VW, a2);
+                        vf_store(yr + c + 3 * VW, a3);
+                    }
+                    for (; c < c1; c++) {
+                        float acc = yr[c];
+                        for (int64_t r = 0; r < d->rank; r++) acc += st[r] * d->bt[r * out + c];
+                        yr[c] = acc;
+                    }
+                }
+            }
+        }
+    }
+}

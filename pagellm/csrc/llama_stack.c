@@ -86,7 +86,22 @@ typedef struct {
     const float* cos_sin;
     const float* final_norm;
     const pagellm_layer_desc* layers;
+    /* LoRA adapter groups of this step, or NULL: [num_layers][4 linears][lora_groups]
+     * descriptors of pagellm_lora_apply (cpu_ops.c), 8 int64 each. */
+    const int64_t* lora;
+    int64_t lora_groups;
 } pagellm_stack_desc;
+
+void pagellm_lora_apply(const float* x, float* y, int64_t in, int64_t out, const void* groups,
+                        int64_t n_groups, int nthreads);
+
+/* y[T, out] += the adapters' deltas of linear j (0 qkv, 1 o, 2 gate_up, 3 down) of layer l. */
+static void lora(const pagellm_stack_desc* s, int64_t l, int64_t j, const float* x, float* y,
+                 int64_t in, int64_t out, int nthreads) {
+    if (s->lora == NULL) return;
+    pagellm_lora_apply(x, y, in, out, s->lora + ((l * 4 + j) * s->lora_groups) * 8, s->lora_groups,
+                       nthreads);
+}
 
 /* y[M, out] (row stride ldy) = x[M, in] (row stride ldx) W^T, run by run. */
 static void linear(const pagellm_linear_desc* d, const float* x, int64_t ldx, int64_t M, float* y,
@@ -149,6 +164,7 @@ void pagellm_llama_stack(const pagellm_stack_desc* s, float* hidden, const int64
             pagellm_rms_norm_f32(cur, res, L->input_norm, x, T, H, s->eps, nthreads);
         }
         linear(&L->qkv, x, H, T, qkv, W, gather, tmp, nthreads);
+        lora(s, l, 0, x, qkv, H, W, nthreads);
         if (L->q_norm) { /* per-head RMSNorm of q and k, in place (rows of D) */
             for (int64_t t = 0; t < T; t++) {
                 pagellm_rms_norm_f32(qkv + t * W, NULL, L->q_norm, qkv + t * W, Hq, D, s->eps, 1);
@@ -165,10 +181,13 @@ void pagellm_llama_stack(const pagellm_stack_desc* s, float* hidden, const int64
                                 att, T, Hq, Hkv, D, s->block_size, max_seq_len, s->attn_scale,
                                 s->kvt, nthreads);
         linear(&L->o, att, Q, T, x, H, gather, tmp, nthreads);
+        lora(s, l, 1, att, x, Q, H, nthreads);
         pagellm_rms_norm_f32(x, res, L->post_norm, x, T, H, s->eps, nthreads);
         linear(&L->gate_up, x, H, T, gu, 2 * I, gather, tmp, nthreads);
+        lora(s, l, 2, x, gu, H, 2 * I, nthreads);
         pagellm_silu_and_mul_f32(gu, act, T, I, nthreads);
         linear(&L->down, act, I, T, hidden, H, gather, tmp, nthreads);
+        lora(s, l, 3, act, hidden, I, H, nthreads);
         cur = hidden;
     }
     pagellm_rms_norm_f32(cur, res, s->final_norm, hidden, T, H, s->eps, nthreads);

@@ -25,6 +25,7 @@ from pagellm.config import (
     CacheConfig,
     DeviceConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     StructuredOutputsConfig,
@@ -99,6 +100,14 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     """fcfs, or priority: requests with a lower priority value are admitted first and,
     under memory pressure, preempted last."""
+    enable_lora: bool = False
+    """Serve PEFT LoRA adapters (LoRARequest per prompt; the server's --lora-modules)."""
+    max_loras: int = 1
+    """Most distinct adapters in one step."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted."""
+    max_cpu_loras: int | None = None
+    """Adapters kept loaded in host memory (LRU); default: max_loras."""
     log_stats: bool = False
     """Log throughput and KV usage periodically."""
 
@@ -136,7 +145,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "num_threads", "num_gpu_blocks_override"):  # fmt: skip
+                     "num_threads", "num_gpu_blocks_override", "max_loras", "max_lora_rank",
+                     "max_cpu_loras"):  # fmt: skip
             positive(name)
         if self.structured_outputs_backend not in ("auto", "llguidance", "xgrammar"):
             raise ValueError(
@@ -263,6 +273,13 @@ class EngineArgs:
                 if self.structured_outputs_backend == "auto"
                 else self.structured_outputs_backend
             ),
+            lora=LoRAConfig(
+                max_loras=self.max_loras,
+                max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=max(self.max_cpu_loras or self.max_loras, self.max_loras),
+            )
+            if self.enable_lora
+            else None,
             log_stats=self.log_stats,
         )
 
@@ -317,6 +334,12 @@ class EngineArgs:
             help="grammar engine of structured outputs (JSON schema, regex, choice, grammar)")  # fmt: skip
         add("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
             help="fcfs, or priority (the request field `priority`: lower first)")  # fmt: skip
+        add("--enable-lora", action="store_true",
+            help="serve PEFT LoRA adapters (requests pick one by model name)")  # fmt: skip
+        add("--max-loras", type=int, default=1, help="most distinct adapters in one step")
+        add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+        add("--max-cpu-loras", type=int, default=None,
+            help="adapters kept loaded in host memory, LRU (default: --max-loras)")  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")
 
     @classmethod

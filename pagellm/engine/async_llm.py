@@ -34,6 +34,7 @@ from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.llm_engine import register_request
 from pagellm.engine.output_processor import OutputProcessor
 from pagellm.engine.tokenizer import load_tokenizer
+from pagellm.lora.request import LoRARequest
 from pagellm.metrics.stats import IterationStats, SchedulerStats
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
@@ -172,7 +173,8 @@ class AsyncLLM:
     ) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
-        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        self.input_processor = InputProcessor(config.model, self.tokenizer, config.lora)
+        self._lora_of: dict[str, int] = {}  # request id -> adapter id, while it runs
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
@@ -239,6 +241,7 @@ class AsyncLLM:
         request_id: str,
         add_special_tokens: bool = True,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Validate and admit a request now (ValueError, QueueFullError, EngineDeadError
         are raised here, before any response starts) and return its output stream."""
@@ -253,8 +256,10 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         root = register_request(
             self.input_processor, self.output_processor, self._children,
-            request_id, prompt, params, None, add_special_tokens, priority,
+            request_id, prompt, params, None, add_special_tokens, priority, lora_request,
         )  # fmt: skip
+        if lora_request is not None:
+            self._lora_of[request_id] = lora_request.lora_int_id
         collector = RequestOutputCollector(params.output_kind)
         self._collectors[request_id] = collector
         if not self._collectors or len(self._collectors) == 1:
@@ -270,15 +275,32 @@ class AsyncLLM:
         request_id: str,
         add_special_tokens: bool = True,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs (admitted when iteration starts; the server uses
         add_request to refuse before responding); closing early aborts it."""
-        stream = self.add_request(prompt, params, request_id, add_special_tokens, priority)
+        stream = self.add_request(
+            prompt, params, request_id, add_special_tokens, priority, lora_request
+        )
         try:
             async for out in stream:
                 yield out
         finally:
             stream.abort_if_unfinished()
+
+    def lora_in_use(self, lora_id: int) -> bool:
+        """Whether a request for this adapter is still running."""
+        for req_id in [r for r in self._lora_of if r not in self._collectors]:
+            del self._lora_of[req_id]
+        return lora_id in self._lora_of.values()
+
+    async def remove_lora(self, lora_id: int, poll: float = 0.05) -> None:
+        """Unload an adapter: wait for its running requests to finish, then drop it."""
+        while self.lora_in_use(lora_id) and self._dead is None:
+            await asyncio.sleep(poll)
+        self.input_processor.forget_lora(lora_id)
+        if self._dead is None:
+            self.client.send(("remove_lora", lora_id))
 
     def _abandon(self, request_id: str, state: dict[str, bool]) -> None:
         if not state["finished"] and self._loop is not None and not self._loop.is_closed():

@@ -66,6 +66,8 @@ def run_engine_core(
                             drained += 1
                         elif cmd[0] == "abort":
                             core.abort_requests(cmd[1])
+                        elif cmd[0] == "remove_lora":
+                            core.remove_lora(cmd[1])
                         elif cmd[0] == "stop":
                             return
                     if not commands.poll():

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from pagellm.config import ModelConfig
+from pagellm.config import LoRAConfig, ModelConfig
 from pagellm.core.request import Request
+from pagellm.lora.adapter import load_adapter
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 PromptType = str | Sequence[int] | dict[str, Any]
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+    def __init__(
+        self, model_config: ModelConfig, tokenizer: Any, lora_config: LoRAConfig | None = None
+    ) -> None:
         self.model_config = model_config
+        self.lora_config = lora_config
+        # Adapters already checked: id -> (path, its files' mtimes), so a request does not
+        # read the directory again; one id must keep one path.
+        self._loras: dict[int, tuple[str, tuple[float, ...]]] = {}
         self.tokenizer = tokenizer
         self.vocab_size = int(model_config.hf_config.vocab_size)
         self.max_model_len = model_config.max_model_len
@@ -42,6 +51,31 @@ class InputProcessor:
                 return self.tokenize(prompt["prompt"], add_special_tokens)
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         return None, self.check_token_ids(prompt)
+
+    def check_lora(self, lora: Any) -> None:
+        """A LoRARequest is usable: LoRA is on, the adapter reads and fits the model."""
+        if lora is None:
+            return
+        if not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}")
+        if self.lora_config is None:
+            raise ValueError(
+                "this engine was started without LoRA: pass enable_lora=True (--enable-lora)"
+            )
+        known = self._loras.get(lora.lora_int_id)
+        if known is not None and known[0] != lora.lora_path:
+            raise ValueError(
+                f"lora_int_id {lora.lora_int_id} already names the adapter at {known[0]!r}, "
+                f"not {lora.lora_path!r}; give each adapter its own id"
+            )
+        stamp = _dir_stamp(lora.lora_path)
+        if known is not None and known[1] == stamp:
+            return
+        load_adapter(lora.lora_path, self.model_config.hf_config, self.lora_config.max_lora_rank)
+        self._loras[lora.lora_int_id] = (lora.lora_path, stamp)
+
+    def forget_lora(self, lora_id: int) -> None:
+        self._loras.pop(lora_id, None)
 
     def check_token_ids(self, ids: Any) -> list[int]:
         try:
@@ -91,9 +125,11 @@ class InputProcessor:
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> tuple[Request, str | None]:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        self.check_lora(lora_request)
         text, ids = self.tokenize(prompt, add_special_tokens)
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             cache_salt = str(prompt["cache_salt"])
@@ -123,8 +159,18 @@ class InputProcessor:
             max_model_len=self.max_model_len,
             arrival_time=time.time() if arrival_time is None else arrival_time,
             cache_salt=cache_salt,
+            lora_request=lora_request,
         )
         return request, text
+
+
+def _dir_stamp(path: str) -> tuple[float, ...]:
+    """Modification times of an adapter directory's files (empty if it is unreadable)."""
+    try:
+        names = sorted(os.listdir(path))
+        return tuple(os.path.getmtime(os.path.join(path, n)) for n in names)
+    except OSError:
+        return ()
 
 
 def _normalize_message(message: Any) -> dict[str, Any]:

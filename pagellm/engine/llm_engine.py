@@ -26,6 +26,7 @@ from pagellm.engine.beam_search import BeamSearchGroup, candidates_per_beam
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor, ParentRequest
 from pagellm.engine.tokenizer import load_tokenizer
+from pagellm.lora.request import LoRARequest
 from pagellm.metrics.stats import SchedulerStats
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
@@ -63,9 +64,11 @@ class EngineCore:
             config.structured_outputs.backend,
         )
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, self.plan.num_blocks, self.structured
-        )
+            config.scheduler, config.cache, self.plan.num_blocks, self.structured,
+            max_loras=config.lora.max_loras if config.lora is not None else 0,
+        )  # fmt: skip
         self.beam_groups: dict[str, BeamSearchGroup] = {}
+        self._lora_to_remove: set[int] = set()
         self.last_step: StepStats | None = None
         # Everything built so far (the model's modules and tensors, the tokenizer) lives as
         # long as the engine: move it out of the collector's reach, so that the young
@@ -78,6 +81,19 @@ class EngineCore:
         self.scheduler.add_request(request)
         if request.sampling_params.use_beam_search:
             self.beam_groups[request.req_id] = BeamSearchGroup.start(request)
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Drop an adapter's weights now, or once the requests still using it end."""
+        self._lora_to_remove.add(lora_id)
+        self._remove_unused_loras()
+
+    def _remove_unused_loras(self) -> None:
+        if not self._lora_to_remove:
+            return
+        in_use = {r.lora_id for r in self.scheduler.requests.values()}
+        for lora_id in sorted(self._lora_to_remove - in_use):
+            self.runner.remove_lora(lora_id)
+            self._lora_to_remove.discard(lora_id)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
         plain = []
@@ -133,6 +149,7 @@ class EngineCore:
         outputs = self.scheduler.update_from_output(sched, result)
         if self.beam_groups:
             outputs = self._advance_beam_groups(outputs)
+        self._remove_unused_loras()
         n_decode = sum(1 for n in sched.num_scheduled_tokens.values() if n == 1)
         self.last_step = StepStats(
             num_scheduled_tokens=sched.total_num_scheduled_tokens,
@@ -150,7 +167,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
-        self.input_processor = InputProcessor(config.model, self.tokenizer)
+        self.input_processor = InputProcessor(config.model, self.tokenizer, config.lora)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.core = EngineCore(config)
         # parent request id -> child request ids (n > 1)
@@ -172,6 +189,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Validate and queue a request (n > 1 becomes n child requests). With the
         priority scheduling policy, a lower ``priority`` is served first."""
@@ -179,7 +197,7 @@ class LLMEngine:
             raise ValueError(f"request id {req_id!r} is already in use")
         root = register_request(
             self.input_processor, self.output_processor, self._children,
-            req_id, prompt, params, arrival_time, add_special_tokens, priority,
+            req_id, prompt, params, arrival_time, add_special_tokens, priority, lora_request,
         )  # fmt: skip
         self.core.add_request(root)
 
@@ -193,6 +211,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter: its weights go once no request uses it."""
+        self.input_processor.forget_lora(lora_id)
+        self.core.remove_lora(lora_id)
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()
@@ -215,6 +238,7 @@ def register_request(
     arrival_time: float | None,
     add_special_tokens: bool,
     priority: int = 0,
+    lora_request: LoRARequest | None = None,
 ) -> Request:
     """Validate one user request, register its requests with the output processor (and
     its samples in ``children``), and return the one the core schedules: n > 1, best_of
@@ -222,7 +246,7 @@ def register_request(
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ValueError(f"priority must be an integer, got {priority!r}")
     requests = make_requests(
-        input_processor, req_id, prompt, params, arrival_time, add_special_tokens
+        input_processor, req_id, prompt, params, arrival_time, add_special_tokens, lora_request
     )
     for request, _ in requests:
         request.priority = priority
@@ -241,6 +265,7 @@ def make_requests(
     params: SamplingParams,
     arrival_time: float | None,
     add_special_tokens: bool,
+    lora_request: LoRARequest | None = None,
 ) -> list[tuple[Request, str | None]]:
     """The requests behind one user request, the first holding the others as pending forks.
 
@@ -255,10 +280,14 @@ def make_requests(
         assert root.beam_width is not None
         root.logprobs = candidates_per_beam(root.beam_width, num_eos)  # the candidates, unreported
         root._report_logprobs = False
-        return [processor.process(req_id, prompt, root, now, add_special_tokens)]
+        return [
+            processor.process(req_id, prompt, root, now, add_special_tokens, None, lora_request)
+        ]
     k = params.num_samples
     if k == 1:
-        return [processor.process(req_id, prompt, params, now, add_special_tokens)]
+        return [
+            processor.process(req_id, prompt, params, now, add_special_tokens, None, lora_request)
+        ]
     out: list[tuple[Request, str | None]] = []
     for i in range(k):
         child = params.clone()
@@ -272,6 +301,10 @@ def make_requests(
             first, text = out[0]
             prompt = {"prompt": text, "prompt_token_ids": first.prompt_token_ids,
                       "cache_salt": first.cache_salt}  # fmt: skip
-        out.append(processor.process(f"{i}_{req_id}", prompt, child, now, add_special_tokens))
+        out.append(
+            processor.process(
+                f"{i}_{req_id}", prompt, child, now, add_special_tokens, None, lora_request
+            )
+        )
     out[0][0].pending_forks = [r for r, _ in out[1:]]
     return out

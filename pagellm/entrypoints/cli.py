@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     api_server.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from pagellm.benchmarks import latency, perplexity, roofline, serve, throughput
+    from pagellm.benchmarks import grammar, latency, perplexity, roofline, serve, throughput
 
-    for module in (throughput, serve, latency, roofline, perplexity):
+    for module in (throughput, serve, latency, roofline, perplexity, grammar):
         module.add_parser(bench)
     return parser
 

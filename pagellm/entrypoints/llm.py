@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.llm_engine import LLMEngine
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -37,11 +38,13 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in the order of the prompts. A single string or a flat list of token
-        ids counts as one prompt; a list of them as a batch."""
+        ids counts as one prompt; a list of them as a batch. ``lora_request``: one adapter
+        for every prompt, or one per prompt (None: the base model); needs enable_lora."""
         batch = _as_batch(prompts)
-        return self._run(batch, sampling_params, use_tqdm, add_special_tokens=True)
+        return self._run(batch, sampling_params, use_tqdm, True, lora_request)
 
     def chat(
         self,
@@ -50,6 +53,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them."""
@@ -66,7 +70,7 @@ class LLM:
                 )
             )
         # The template already holds any BOS token.
-        return self._run(texts, sampling_params, use_tqdm, add_special_tokens=False)
+        return self._run(texts, sampling_params, use_tqdm, False, lora_request)
 
     def _run(
         self,
@@ -74,6 +78,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
         add_special_tokens: bool,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -85,19 +90,27 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras: list[LoRARequest | None] = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts")
         order: list[str] = []
         staged = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, lora in zip(prompts, params_list, loras):
             p = params.clone()
             p.output_kind = RequestOutputKind.FINAL_ONLY
             req_id = str(next(self._counter))
-            staged.append((req_id, prompt, p))
+            staged.append((req_id, prompt, p, lora))
             order.append(req_id)
         # A bad prompt raises ValueError; the ones queued before it are withdrawn.
         added: list[str] = []
         try:
-            for req_id, prompt, p in staged:
-                self.engine.add_request(req_id, prompt, p, add_special_tokens=add_special_tokens)
+            for req_id, prompt, p, lora in staged:
+                self.engine.add_request(
+                    req_id, prompt, p, add_special_tokens=add_special_tokens, lora_request=lora
+                )
                 added.append(req_id)
         except Exception:
             self.engine.abort_request(added)

@@ -56,6 +56,8 @@ class Linear(nn.Module):
         self.runs: list[Any]
         self.fast_apply: Any = None
         self.loaded_shards: set[str]
+        # LoRA adapters installed on this layer (pagellm.lora.layers.LinearLoRA), if any.
+        self.lora: Any = None
         self.method = method_for(current_quant_config(), role)
         self.method.create_weights(self)
 
@@ -97,7 +99,10 @@ class Linear(nn.Module):
         self.method.finalize(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        if self.lora is not None:  # base output + this step's adapter deltas
+            y = self.lora.apply(x, y)
+        return y
 
     def extra_repr(self) -> str:
         return (

@@ -83,6 +83,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
     "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),
     "pagellm_silu_and_mul_f32": ([_P, _P, _I64, _I64, _INT], None),
+    "pagellm_lora_apply": ([_P, _P, _I64, _I64, _P, _I64, _INT], None),
     "pagellm_write_kv": ([_P, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _INT], None),
     "pagellm_q_has_vnni": ([], _INT),
     "pagellm_q_tile_bytes": ([_INT, _INT, _INT], _I64),
@@ -132,6 +133,7 @@ class StackDesc(ctypes.Structure):
         ("head_dim", _I64), ("rot_dim", _I64), ("intermediate", _I64), ("block_size", _I64),
         ("eps", _F), ("attn_scale", _F), ("kvt", ctypes.c_int32), ("pad_", ctypes.c_int32),
         ("cos_sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(LayerDesc)),
+        ("lora", _P), ("lora_groups", _I64),
     ]  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from pagellm.layers.linear import Linear, VocabEmbedding
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.quantization.base import as_float_tensor
 from pagellm.layers.rotary import RotaryEmbedding, get_rope_parameters
+from pagellm.lora.layers import lora_active, lora_stack_step
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +145,19 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         meta = get_forward_context().attn_metadata
-        stack = self._native_stack(meta)
+        # A step with LoRA tokens runs in the stack when the runner described its adapter
+        # groups for it (CPU fp32), else the modules (each Linear adds its groups' deltas).
+        lora = lora_stack_step()
+        stack = None if lora_active() and lora is None else self._native_stack(meta)
         if stack is not None:
             lib, desc = stack
             hidden = self.embed_tokens(input_ids).contiguous()
             data = meta.backend_data
+            struct = desc._obj
+            if lora is not None:
+                struct.lora, struct.lora_groups = lora[0].ctypes.data, lora[0].shape[2]
+            else:
+                struct.lora, struct.lora_groups = None, 0
             lib.pagellm_llama_stack(
                 desc, hidden.data_ptr(), positions.data_ptr(), hidden.shape[0],
                 meta.slot_mapping.data_ptr(), data.block_tables.data_ptr(),

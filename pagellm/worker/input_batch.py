@@ -54,6 +54,7 @@ class InputBatch:
         self.presence = np.zeros(n, dtype=np.float32)
         self.frequency = np.zeros(n, dtype=np.float32)
         self.repetition = np.ones(n, dtype=np.float32)
+        self.lora_ids = np.zeros(n, dtype=np.int64)  # 0: the base model
         self.requests: dict[str, RowState] = {}
         self._free = list(range(n - 1, -1, -1))
 
@@ -70,7 +71,8 @@ class InputBatch:
             setattr(self, name, grown)
         for name, fill in (("num_tokens", 0), ("num_computed", 0), ("num_blocks", 0),
                            ("temperature", 0), ("top_k", 0), ("top_p", 1), ("min_p", 0),
-                           ("presence", 0), ("frequency", 0), ("repetition", 1)):  # fmt: skip
+                           ("presence", 0), ("frequency", 0), ("repetition", 1),
+                           ("lora_ids", 0)):  # fmt: skip
             arr = getattr(self, name)
             grown = np.full(new, fill, dtype=arr.dtype)
             grown[:old] = arr
@@ -92,6 +94,7 @@ class InputBatch:
         block_ids: list[int],
         num_computed: int,
         prompt_logprobs_done: bool,
+        lora_id: int = 0,
     ) -> RowState:
         if not self._free:
             self._grow_rows()
@@ -115,6 +118,7 @@ class InputBatch:
         self.presence[row] = p.presence_penalty
         self.frequency[row] = p.frequency_penalty
         self.repetition[row] = p.repetition_penalty
+        self.lora_ids[row] = lora_id
         state = RowState(req_id, row, num_prompt_tokens, params, prompt_logprobs_done)
         self.requests[req_id] = state
         return state

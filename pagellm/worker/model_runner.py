@@ -32,6 +32,8 @@ from pagellm.layers.attention import (
     get_attention_backend,
     set_forward_context,
 )
+from pagellm.lora.layers import Group, LoRAManager, set_lora_groups
+from pagellm.lora.request import LoRARequest
 from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
@@ -97,6 +99,14 @@ class ModelRunner:
         )
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
+        self.lora_manager: LoRAManager | None = None
+        self._lora_requests: dict[int, LoRARequest] = {}
+        if config.lora is not None:
+            lc = config.lora
+            self.lora_manager = LoRAManager(
+                self.model, mc.hf_config, lc.max_loras, lc.max_cpu_loras, lc.max_lora_rank,
+                self.dtype, self.device,
+            )  # fmt: skip
         logger.info(
             "model runner: device=%s dtype=%s quantization=%s (%.1f MB of weights) attention=%s "
             "native kernels=%s threads=%d",
@@ -180,7 +190,10 @@ class ModelRunner:
                 new.num_computed_tokens,
                 # After preemption the prompt's logprobs were already reported.
                 prompt_logprobs_done=bool(new.output_token_ids),
+                lora_id=new.lora_request.lora_int_id if new.lora_request is not None else 0,
             )  # fmt: skip
+            if new.lora_request is not None:
+                self._lora_requests[new.lora_request.lora_int_id] = new.lora_request
         for cached in sched.scheduled_cached_reqs:
             row = batch.requests[cached.req_id].row
             for idx, block in cached.replaced_blocks:
@@ -265,7 +278,12 @@ class ModelRunner:
                 s.prompt_logprobs_done = True
 
         dev = self.device
-        with set_forward_context(meta):
+        lora_groups = self._lora_groups(rows, q_lens) if self.lora_manager is not None else None
+        lora_stack = None
+        if lora_groups and self.native_lib is not None:
+            assert self.lora_manager is not None
+            lora_stack = self.lora_manager.stack_step(lora_groups)
+        with set_forward_context(meta), set_lora_groups(lora_groups, lora_stack):
             hidden = self.model(
                 torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
             )
@@ -324,6 +342,31 @@ class ModelRunner:
             logprobs=logprobs_out,
             prompt_logprobs=prompt_logprobs,
         )
+
+    def _lora_groups(self, rows: np.ndarray, q_lens: np.ndarray) -> list[Group] | None:
+        """The step's tokens per adapter (activating the adapters); None when every
+        request runs the base model."""
+        lora_of_row = self.batch.lora_ids[rows]
+        if not lora_of_row.any():
+            return None
+        assert self.lora_manager is not None
+        ids = [int(i) for i in np.unique(lora_of_row) if i]
+        self.lora_manager.prepare({i: self._lora_requests[i] for i in ids})
+        per_token = np.repeat(lora_of_row, q_lens)
+        groups: list[Group] = []
+        for lora_id in ids:
+            idx = np.flatnonzero(per_token == lora_id)
+            first, last = int(idx[0]), int(idx[-1])
+            rows64 = torch.from_numpy(idx.astype(np.int64))
+            if last - first + 1 == len(idx):
+                groups.append((lora_id, slice(first, last + 1), rows64))
+            else:
+                groups.append((lora_id, rows64.to(self.device), rows64))
+        return groups
+
+    def remove_lora(self, lora_id: int) -> bool:
+        self._lora_requests.pop(lora_id, None)
+        return self.lora_manager.remove(lora_id) if self.lora_manager is not None else False
 
     @staticmethod
     def _logprobs_of(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:

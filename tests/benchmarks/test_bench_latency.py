@@ -95,3 +95,25 @@ def test_roofline_reports_best_decode_per_batch(tiny_model_dirs: Any, tmp_path: 
     assert "Best decode, batch 1" in proc.stdout and "Best decode, batch 8" in proc.stdout
     report = json.loads(out.read_text())
     assert report["costs"]["weight_bytes"] > 0 and report["peaks"]["dtype"] == "float32"
+
+
+def test_bench_grammar_times_every_backend_on_the_same_path(tmp_path: Any) -> None:
+    from pagellm.benchmarks.schemas import SCHEMAS
+    from pagellm.core.structured_output import available_backends
+
+    schemas = tmp_path / "schemas.json"
+    schemas.write_text(json.dumps(SCHEMAS[:3]))
+    out = tmp_path / "grammar.json"
+    backends = ",".join(available_backends())
+    r = bench("grammar", "--backends", backends, "--schemas", str(schemas), "--tokens", "12",
+              "--output-json", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())["backends"]
+    assert set(data) == set(available_backends())
+    counts = {s["tokens"] for s in data.values()}
+    assert len(counts) == 1 and counts.pop() > 3  # every backend walked the same tokens
+    for s in data.values():
+        assert s["schemas"] == 3 and 0 < s["compile_ms_median"] <= s["compile_ms_max"]
+        assert s["token_us_median"] > 0 and s["tokenizer_setup_ms"] > 0
+    bad = bench("grammar", "--backends", "nonsense")
+    assert bad.returncode != 0 and "not installed" in bad.stderr

@@ -174,7 +174,10 @@ def test_soak_options_abandon_streams_and_repeat_waves(server: Any, tmp_path: An
     r = json.loads(out.read_text())
     assert r["failed"] == 0, r["errors"]
     assert r["abandoned"] > 0 and r["completed"] > 0
-    assert r["completed"] + r["abandoned"] >= 12  # at least two waves of 6
+    # Waves of 6 fresh prompts repeat until the run has lasted --duration (on a fast
+    # machine several waves, on a loaded one possibly a single long one).
+    assert (r["completed"] + r["abandoned"]) % 6 == 0
+    assert r["duration"] >= 4
     assert "Succeeded / failed / abandoned" in proc.stdout
     # Every abandoned stream was aborted on the server: nothing left running or holding KV.
     deadline = time.monotonic() + 30

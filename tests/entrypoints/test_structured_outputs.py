@@ -14,13 +14,13 @@ import pytest
 from pydantic import BaseModel
 
 from pagellm import SamplingParams
+from pagellm.benchmarks.schemas import SCHEMAS
 from pagellm.entrypoints.openai.tool_calls import (
     HermesToolParser,
     Llama3JsonToolParser,
     required_schema,
 )
 from tests.conftest import API_KEY, MODEL
-from tests.schemas_for_tests import SCHEMAS
 from tests.utils import RemoteServer
 
 

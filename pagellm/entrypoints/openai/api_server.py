@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,14 +37,17 @@ from pagellm.entrypoints.openai.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     GenerateRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -82,8 +85,12 @@ async def run_cancellable(request: Request, work: Awaitable[Any]) -> Any:
 
 def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     names = [engine.config.model.served_model_name]
-    completion = OpenAIServingCompletion(engine, names)
-    chat = OpenAIServingChat(engine, names, getattr(args, "tool_call_parser", "hermes"))
+    served = ServingModels(engine, names)
+    for lora_name, lora_path in parse_lora_modules(getattr(args, "lora_modules", None)):
+        served.load(lora_name, lora_path)  # a bad adapter stops start-up (ValueError)
+    allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
+    completion = OpenAIServingCompletion(engine, served)
+    chat = OpenAIServingChat(engine, served, getattr(args, "tool_call_parser", "hermes"))
     prometheus = PrometheusStatLogger(names[0])
     engine.stat_loggers.append(prometheus)
     if getattr(args, "log_stats", False):
@@ -184,19 +191,31 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        mc = engine.config.model
-        return ModelList(
-            data=[
-                ModelCard(id=n, root=mc.model_path, max_model_len=mc.max_model_len) for n in names
-            ]
-        )
+        return ModelList(data=served.cards())
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> ModelCard:
-        mc = engine.config.model
-        return ModelCard(
-            id=completion.check_model(model_id), root=mc.model_path, max_model_len=mc.max_model_len
-        )
+        return served.card(model_id)
+
+    def runtime_lora_allowed() -> None:
+        if not allow_runtime_lora:
+            raise APIError(404, "Loading LoRA adapters at run time is off; start the server "
+                           "with --allow-runtime-lora (and --enable-lora).", "not_found_error")  # fmt: skip
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        runtime_lora_allowed()
+        try:
+            lora = served.load(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise APIError.bad_request(str(e), "lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        runtime_lora_allowed()
+        await served.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -230,7 +249,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         except PydanticValidationError as e:
             raise RequestValidationError(e.errors()) from None
         fields = dict(body.model_extra or {})
-        completion.check_model(body.model)
+        _, lora = completion.resolve_model(body.model)
         tokenized = completion.tokenize_prompt(body.prompt, True)
         fields.setdefault("max_tokens", completion.resolve_max_tokens(len(tokenized[1]), None))
         priority = fields.pop("priority", 0)
@@ -239,7 +258,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         prefix = tokenized[0] or ""
         (gen,) = completion.admit(
             [({"prompt": tokenized[0], "prompt_token_ids": tokenized[1]}, params)],
-            f"gen-{random_uuid()}", priority,
+            f"gen-{random_uuid()}", priority, lora,
         )  # fmt: skip
         if body.stream:
 
@@ -295,10 +314,18 @@ async def serve(args: argparse.Namespace) -> int:
     engine_args = EngineArgs.from_cli_args(args)
     if args.model_positional:
         engine_args.model = args.model_positional
+    if args.lora_modules:
+        engine_args.enable_lora = True  # naming adapters is asking for LoRA
+    lora_modules = parse_lora_modules(args.lora_modules)  # a malformed entry fails before start-up
     engine = AsyncLLM.from_engine_args(
         engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
     )
-    app = build_app(engine, args)
+    try:
+        app = build_app(engine, args)
+    except ValueError as e:
+        logger.error("%s (--lora-modules %s)", e, " ".join(f"{n}={p}" for n, p in lora_modules))
+        engine.shutdown()
+        return 2
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -374,6 +401,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="a step longer than this (seconds) is logged and turns /health 503 "
                    "until steps complete again (0: no watchdog)")  # fmt: skip
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters served under their own model name: name=path or "
+                   "'{\"name\": ..., \"path\": ...}' (implies --enable-lora)")  # fmt: skip
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")  # fmt: skip
     p.add_argument("--uvicorn-log-level", default="warning")
     EngineArgs.add_cli_args(p)
     p.set_defaults(handler=run)

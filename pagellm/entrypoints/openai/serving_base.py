@@ -9,12 +9,16 @@ import json
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from pagellm.engine.async_llm import AsyncLLM
+from pagellm.lora.request import LoRARequest
 from pagellm.outputs import Logprob
+
+if TYPE_CHECKING:
+    from pagellm.entrypoints.openai.serving_models import ServingModels
 
 logger = logging.getLogger(__name__)
 
@@ -146,25 +150,23 @@ async def merge_async_iterators(
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]) -> None:
+    def __init__(self, engine: AsyncLLM, models: ServingModels | Sequence[str]) -> None:
+        from pagellm.entrypoints.openai.serving_models import ServingModels
+
         self.engine = engine
-        self.served_model_names = list(served_model_names)
+        self.models = (
+            models if isinstance(models, ServingModels) else ServingModels(engine, list(models))
+        )
         self.max_model_len = engine.config.model.max_model_len
         self.tokenizer = engine.tokenizer
 
     def check_model(self, name: str | None) -> str:
         """The name to report; 404 for a model this server does not serve."""
-        if name is None or name == "":
-            return self.served_model_names[0]
-        if name not in self.served_model_names:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist.",
-                "not_found_error",
-                "model",
-                "model_not_found",
-            )
-        return name
+        return self.models.resolve(name)[0]
+
+    def resolve_model(self, name: str | None) -> tuple[str, LoRARequest | None]:
+        """The name to report and the LoRA adapter it names (None: the base model)."""
+        return self.models.resolve(name)
 
     def resolve_max_tokens(
         self, prompt_len: int, max_tokens: int | None, what: str = "prompt"
@@ -204,7 +206,11 @@ class OpenAIServing:
             raise APIError.engine_dead()
 
     def admit(
-        self, prompts: list[tuple[dict[str, Any], Any]], request_id: str, priority: int
+        self,
+        prompts: list[tuple[dict[str, Any], Any]],
+        request_id: str,
+        priority: int,
+        lora_request: LoRARequest | None = None,
     ) -> list[Any]:
         """Admit every prompt of one API request now, before any response starts (a full
         queue is 429 here, not a broken stream); all or none: if one is refused, the ones
@@ -214,7 +220,11 @@ class OpenAIServing:
         try:
             for i, (prompt, params) in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(self.engine.add_request(prompt, params, rid, priority=priority))
+                streams.append(
+                    self.engine.add_request(
+                        prompt, params, rid, priority=priority, lora_request=lora_request
+                    )
+                )
         except BaseException:
             for s in streams:
                 s.abort_if_unfinished()

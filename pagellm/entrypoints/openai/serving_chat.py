@@ -56,9 +56,7 @@ class ToolMode:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(
-        self, engine: Any, served_model_names: list[str], tool_parser: str = "hermes"
-    ) -> None:
+    def __init__(self, engine: Any, served_model_names: Any, tool_parser: str = "hermes") -> None:
         super().__init__(engine, served_model_names)
         self.tool_parser = get_tool_parser(tool_parser)
 
@@ -173,7 +171,8 @@ class OpenAIServingChat(OpenAIServing):
         model, text, ids, params, mode = self._prepare(req)
         request_id = request_id or f"chatcmpl-{random_uuid()}"
         prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-        (gen,) = self.admit([(prompt, params)], request_id, req.priority)
+        lora = self.resolve_model(model)[1]
+        (gen,) = self.admit([(prompt, params)], request_id, req.priority, lora)
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, gen, mode)

@@ -71,7 +71,8 @@ class OpenAIServingCompletion(OpenAIServing):
             ({"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}, p)
             for (text, ids), p in zip(tokenized, params)
         ]
-        generators = self.admit(prompts, f"{request_id}", req.priority)
+        lora = self.resolve_model(model)[1]
+        generators = self.admit(prompts, f"{request_id}", req.priority, lora)
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, generators, tokenized)

@@ -1,4 +1,4 @@
-"""Twenty JSON schemas of different shapes for the structured-output tests: nested
+"""Twenty JSON schemas of different shapes for the structured-output tests and `bench grammar`: nested
 objects, arrays with bounds, enums, numbers with minimum/maximum, required and optional
 fields, string formats and patterns. Strings and arrays are bounded so that a tiny model
 always finishes within the token budget."""
