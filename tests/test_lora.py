@@ -424,3 +424,33 @@ def test_torch_lora_path_equals_peft(
     for i, (name, out) in enumerate(zip(plan, outs)):
         got = list(out.outputs[0].token_ids)
         assert got == peft_reference[name][i][: len(got)], (name, i)
+
+
+def test_adapter_gone_after_the_check_fails_only_its_request(
+    lora_llm: Any, adapter_dirs: dict[str, str], tmp_path: Any, monkeypatch: Any
+) -> None:
+    """The engine reads an adapter again when the request arrives; if its files went away
+    after the front end's check, that request ends (abort) and the others run on."""
+    import shutil
+
+    gone = tmp_path / "gone"
+    shutil.copytree(adapter_dirs["attn8"], gone)
+    lora = LoRARequest("gone", 70, str(gone))
+    processor = lora_llm.engine.input_processor
+    processor.check_lora(lora)  # checked while the files exist
+    shutil.rmtree(gone)
+    monkeypatch.setattr(processor, "check_lora", lambda _lora: None)  # the race, made certain
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = lora_llm.generate(PROMPTS[:3], params, lora_request=[None, lora, None])
+    assert outs[1].finished and outs[1].outputs[0].finish_reason == "abort"
+    assert outs[1].outputs[0].token_ids == []
+    for i in (0, 2):
+        assert (
+            outs[i].outputs[0].finish_reason == "length" and len(outs[i].outputs[0].token_ids) == 6
+        )
+    monkeypatch.undo()
+    assert 70 not in lora_llm.engine.core.runner.lora_manager.loaded
+    # Alone (nothing else in the step) the failed request is still reported.
+    monkeypatch.setattr(processor, "check_lora", lambda _lora: None)
+    (alone,) = lora_llm.generate(PROMPTS[0], params, lora_request=lora)
+    assert alone.outputs[0].finish_reason == "abort"

@@ -196,7 +196,23 @@ class Scheduler:
             self._finished_ids.add(request.req_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._failed)
+
+    def fail_request(self, request: Request) -> None:
+        """End a request (and its pending forks) that cannot run, before it was queued;
+        reported as aborted with the next step's outputs."""
+        for r in (request, *request.pending_forks):
+            r.status = RequestStatus.FINISHED_ABORTED
+            self._failed.append(r.req_id)
+
+    def take_failed(self) -> list[EngineCoreOutput]:
+        """Outputs for the requests that ended without running (see fail_request)."""
+        outputs = [
+            EngineCoreOutput(req_id=r, new_token_ids=[], finish_reason="abort")
+            for r in self._failed
+        ]
+        self._failed = []
+        return outputs
 
     @property
     def num_running(self) -> int:
@@ -371,11 +387,7 @@ class Scheduler:
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, finish requests that stop, free their blocks at once."""
-        outputs: list[EngineCoreOutput] = [
-            EngineCoreOutput(req_id=r, new_token_ids=[], finish_reason="abort")
-            for r in self._failed
-        ]
-        self._failed = []
+        outputs = self.take_failed()
         for idx, req_id in enumerate(result.req_ids):
             request = self.requests.get(req_id)
             if request is None or request.is_finished:

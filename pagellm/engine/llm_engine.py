@@ -78,6 +78,17 @@ class EngineCore:
         gc.freeze()
 
     def add_request(self, request: Request) -> None:
+        lora = request.lora_request
+        if lora is not None and self.runner.lora_manager is not None:
+            # Read the adapter now: if its files went away after the front end checked
+            # them, only this request fails (not a step, not the engine).
+            try:
+                self.runner.lora_manager.load(lora)
+            except Exception as e:
+                logger.error("LoRA adapter %s (%s) cannot be loaded, request %s is aborted: %s",
+                             lora.lora_name, lora.lora_path, request.req_id, e)  # fmt: skip
+                self.scheduler.fail_request(request)
+                return
         self.scheduler.add_request(request)
         if request.sampling_params.use_beam_search:
             self.beam_groups[request.req_id] = BeamSearchGroup.start(request)
@@ -144,7 +155,7 @@ class EngineCore:
         if sched.is_empty:
             if sched.finished_req_ids or sched.block_copies:
                 self.runner.execute_model(sched)  # let the worker drop finished state
-            return []
+            return self.scheduler.take_failed()
         result = self.runner.execute_model(sched)
         outputs = self.scheduler.update_from_output(sched, result)
         if self.beam_groups:

@@ -231,20 +231,26 @@ class LoRAManager:
             offset += size
         return np.ascontiguousarray(desc), scratch
 
+    def load(self, req: LoRARequest) -> LoRAAdapter:
+        """The adapter's weights, read from its directory unless already in memory."""
+        lora_id = req.lora_int_id
+        if lora_id in self.loaded:
+            self.loaded.move_to_end(lora_id)
+            return self.loaded[lora_id][1]
+        adapter = load_adapter(
+            req.lora_path, self.hf_config, self.max_rank, self.dtype, self.device
+        )
+        self.loaded[lora_id] = (req, adapter)
+        logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s",
+                    req.lora_name, lora_id, adapter.rank, req.lora_path)  # fmt: skip
+        return adapter
+
     def prepare(self, needed: dict[int, LoRARequest]) -> None:
         """Make the step's adapters active (loading them if they are not in memory)."""
         if len(needed) > self.max_loras:  # the scheduler keeps this from happening
             raise RuntimeError(f"{len(needed)} adapters in one step, max_loras {self.max_loras}")
         for lora_id, req in needed.items():
-            if lora_id in self.loaded:
-                self.loaded.move_to_end(lora_id)
-            else:
-                adapter = load_adapter(
-                    req.lora_path, self.hf_config, self.max_rank, self.dtype, self.device
-                )
-                self.loaded[lora_id] = (req, adapter)
-                logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s",
-                            req.lora_name, lora_id, adapter.rank, req.lora_path)  # fmt: skip
+            self.load(req)
             if lora_id not in self.active:
                 for other in sorted(self.active - set(needed)):
                     if len(self.active) < self.max_loras:
