@@ -324,6 +324,8 @@ def test_server_lists_loads_and_unloads_adapters(
         stream = client.completions.create(model="all16", prompt=PROMPTS[4], max_tokens=48,
                                            temperature=0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
         first = next(iter(stream))
+        running = http.get("/metrics").text
+        assert 'running_lora_adapters="all16"' in running  # lora_requests_info while it runs
         ended: dict[str, Any] = {}
 
         def read_rest() -> None:
@@ -344,6 +346,14 @@ def test_server_lists_loads_and_unloads_adapters(
         assert r.status_code == 404
         # The base model still answers.
         check(base, None, 0)
+        # vLLM's lora_requests_info gauge: one series, nothing running at the end.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        (series,) = families["pagellm:lora_requests_info"].samples
+        assert series.labels == {"max_lora": "2", "running_lora_adapters": "",
+                                 "waiting_lora_adapters": ""}  # fmt: skip
+        assert series.value > 1.7e9  # a timestamp
     finally:
         assert srv.stop() == 0, srv.logs()
     assert "Traceback" not in srv.logs()

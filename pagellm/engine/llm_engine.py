@@ -147,6 +147,8 @@ class EngineCore:
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
             num_preemptions=s.num_preemptions,
+            running_loras=_lora_names(s.running) if self.config.lora is not None else (),
+            waiting_loras=_lora_names(s.waiting) if self.config.lora is not None else (),
         )
 
     def step(self) -> list[EngineCoreOutput]:
@@ -237,6 +239,10 @@ class LLMEngine:
             if out.finished:
                 self._children.pop(out.request_id, None)
         return outputs
+
+
+def _lora_names(requests: Iterable[Request]) -> tuple[str, ...]:
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))
 
 
 def register_request(

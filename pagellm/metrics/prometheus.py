@@ -23,7 +23,7 @@ _TOKEN_LATENCY_BUCKETS = (
 
 
 class PrometheusStatLogger:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, max_loras: int = 0) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r = self.registry
@@ -98,6 +98,19 @@ class PrometheusStatLogger:
         self.kv_usage = Gauge(
             "pagellm:kv_cache_usage_perc", "Share of KV blocks in use (0..1).", labels, registry=r
         )
+        # vLLM's lora_requests_info: one series whose labels name the running and waiting
+        # adapters (value: when it was last set); only with LoRA enabled.
+        self.max_loras = max_loras
+        self.lora_info = (
+            Gauge(
+                "pagellm:lora_requests_info",
+                "LoRA adapters of the running and waiting requests (labels); value: last update time.",
+                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                registry=r,
+            )
+            if max_loras
+            else None
+        )
         self._last_cumulative = SchedulerStats()
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
@@ -132,6 +145,12 @@ class PrometheusStatLogger:
                 max(scheduler.prefix_cache_hits - last.prefix_cache_hits, 0)
             )
             self.preemptions.labels(m).inc(max(scheduler.num_preemptions - last.num_preemptions, 0))
+            if self.lora_info is not None:
+                self.lora_info.clear()
+                self.lora_info.labels(
+                    str(self.max_loras), ",".join(scheduler.running_loras),
+                    ",".join(scheduler.waiting_loras),
+                ).set_to_current_time()  # fmt: skip
             self._last_cumulative = scheduler
 
     def render(self) -> bytes:

@@ -48,3 +48,7 @@ class SchedulerStats:
     """Cumulative prompt tokens found there."""
     num_preemptions: int = 0
     """Cumulative preemptions."""
+    running_loras: tuple[str, ...] = ()
+    """LoRA adapters of the running requests (names, sorted)."""
+    waiting_loras: tuple[str, ...] = ()
+    """LoRA adapters of the waiting requests."""

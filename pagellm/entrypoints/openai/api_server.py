@@ -91,7 +91,8 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
     completion = OpenAIServingCompletion(engine, served)
     chat = OpenAIServingChat(engine, served, getattr(args, "tool_call_parser", "hermes"))
-    prometheus = PrometheusStatLogger(names[0])
+    lora_config = engine.config.lora
+    prometheus = PrometheusStatLogger(names[0], lora_config.max_loras if lora_config else 0)
     engine.stat_loggers.append(prometheus)
     if getattr(args, "log_stats", False):
         engine.stat_loggers.append(LoggingStatLogger())
