@@ -14,6 +14,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from tests.conftest import TINY_ARCHS, hf_logits
+from tests.utils import captured_logits
 
 TOL = 2e-4
 
@@ -37,20 +38,11 @@ def test_raw_logits_equal_hf(arch: str, tiny_model_dirs: dict[str, str]) -> None
     llm = LLM(
         path, dtype="float32", block_size=4, kv_cache_memory=8 << 20, max_num_batched_tokens=512
     )
-    model = llm.engine.core.runner.model
-    captured: list[torch.Tensor] = []
-    original = model.compute_logits
-
-    def capture(hidden: torch.Tensor) -> torch.Tensor:
-        out = original(hidden)
-        captured.append(out.clone())
-        return out
-
-    model.compute_logits = capture
     prompt = _prompts(1, 1)[0]
-    llm.generate(
-        [prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False
-    )
+    with captured_logits(llm) as captured:
+        llm.generate(
+            [prompt], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False
+        )
     # One step: the sampling row (last position) first, then prompt rows 0..n-2.
     (rows,) = captured
     ref = hf_logits(_hf(path), prompt)

@@ -16,27 +16,16 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from tests.conftest import TINY_ARCHS
+from tests.utils import captured_logits
 
 
 def _run(llm: LLM, fused: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
-    model = llm.engine.core.runner.model
-    model.model.native_stack_enabled = fused
-    captured: list[torch.Tensor] = []
-    original = model.compute_logits
-
-    def capture(hidden: torch.Tensor) -> torch.Tensor:
-        out = original(hidden)
-        captured.append(out.clone())
-        return out
-
-    model.compute_logits = capture
+    llm.engine.core.runner.model.model.native_stack_enabled = fused
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (37, 5, 70)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    try:
+    with captured_logits(llm) as captured:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        del model.compute_logits
     return captured, [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -1,18 +1,40 @@
-"""A real `pagellm serve` process on 127.0.0.1 and a free port, for tests."""
+"""A real `pagellm serve` process on 127.0.0.1 and a free port, for tests; the logits an
+offline engine computes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
 from pagellm.utils import get_open_port
+
+
+@contextlib.contextmanager
+def captured_logits(llm: Any) -> Iterator[list[Any]]:
+    """A copy of every logits tensor the engine's model computes inside the block."""
+    model = llm.engine.core.runner.model
+    captured: list[Any] = []
+    original = model.compute_logits
+
+    def capture(hidden: Any) -> Any:
+        out = original(hidden)
+        captured.append(out.clone())
+        return out
+
+    model.compute_logits = capture
+    try:
+        yield captured
+    finally:
+        del model.compute_logits
 
 
 class RemoteServer:

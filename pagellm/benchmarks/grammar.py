@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     impls = {}
     for name in backends:
         t = time.perf_counter()
-        impls[name] = manager._backend(name)
+        impls[name] = manager.get_backend(name)
         results[name] = {
             "setup_ms": (time.perf_counter() - t) * 1e3,
             "compile_ms": [],

@@ -376,7 +376,8 @@ class StructuredOutputManager:
         self._pending: dict[str, concurrent.futures.Future[tuple[Any, Any]]] = {}
         self._lock = threading.Lock()
 
-    def _backend(self, name: str) -> Any:
+    def get_backend(self, name: str) -> Any:
+        """The grammar engine `name` (llguidance or xgrammar), built on first use."""
         with self._backends_lock:
             if name not in self._backends:
                 cls: Any = _XGrammar if name == "xgrammar" else _LLGuidance
@@ -389,7 +390,7 @@ class StructuredOutputManager:
         return "llguidance"
 
     def _compile(self, name: str, params: StructuredOutputsParams) -> tuple[Any, Any]:
-        backend = self._backend(name)
+        backend = self.get_backend(name)
         return backend, backend.compile(params)
 
     # ---- per request ---------------------------------------------------------------------

@@ -88,8 +88,9 @@ class RequestOutputCollector:
     consumer has not taken yet absorbs the next one, so a slow client costs memory for
     its unread text only, and never stalls the engine (backpressure by coalescing)."""
 
-    def __init__(self, kind: RequestOutputKind) -> None:
+    def __init__(self, kind: RequestOutputKind, lora_id: int = 0) -> None:
         self.kind = kind
+        self.lora_id = lora_id  # the request's LoRA adapter (0: the base model)
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -174,7 +175,6 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
         self.input_processor = InputProcessor(config.model, self.tokenizer, config.lora)
-        self._lora_of: dict[str, int] = {}  # request id -> adapter id, while it runs
         self.output_processor = OutputProcessor(self.tokenizer)
         self.max_queued_requests = max_queued_requests
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
@@ -258,9 +258,9 @@ class AsyncLLM:
             self.input_processor, self.output_processor, self._children,
             request_id, prompt, params, None, add_special_tokens, priority, lora_request,
         )  # fmt: skip
-        if lora_request is not None:
-            self._lora_of[request_id] = lora_request.lora_int_id
-        collector = RequestOutputCollector(params.output_kind)
+        collector = RequestOutputCollector(
+            params.output_kind, lora_request.lora_int_id if lora_request is not None else 0
+        )
         self._collectors[request_id] = collector
         if not self._collectors or len(self._collectors) == 1:
             self._last_progress = time.monotonic()  # idle until now: not a stall
@@ -290,9 +290,7 @@ class AsyncLLM:
 
     def lora_in_use(self, lora_id: int) -> bool:
         """Whether a request for this adapter is still running."""
-        for req_id in [r for r in self._lora_of if r not in self._collectors]:
-            del self._lora_of[req_id]
-        return lora_id in self._lora_of.values()
+        return any(c.lora_id == lora_id for c in self._collectors.values())
 
     async def remove_lora(self, lora_id: int, poll: float = 0.05) -> None:
         """Unload an adapter: wait for its running requests to finish, then drop it."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from pagellm.config import LoRAConfig, ModelConfig
 from pagellm.core.request import Request
-from pagellm.lora.adapter import load_adapter
+from pagellm.lora.adapter import check_adapter
 from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
@@ -71,7 +71,8 @@ class InputProcessor:
         stamp = _dir_stamp(lora.lora_path)
         if known is not None and known[1] == stamp:
             return
-        load_adapter(lora.lora_path, self.model_config.hf_config, self.lora_config.max_lora_rank)
+        # Config and tensor shapes only: the engine process reads the weights.
+        check_adapter(lora.lora_path, self.model_config.hf_config, self.lora_config.max_lora_rank)
         self._loras[lora.lora_int_id] = (lora.lora_path, stamp)
 
     def forget_lora(self, lora_id: int) -> None:

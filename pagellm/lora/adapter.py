@@ -11,6 +11,8 @@ with ``use_rslora``), per module where ``rank_pattern`` / ``alpha_pattern`` say 
 Everything is checked before anything is kept: a missing path, a rank over the limit,
 a module the model does not have, shapes that do not fit, or a PEFT feature pagellm does
 not run (DoRA, trained biases, modules_to_save) raises ValueError naming it.
+``check_adapter`` does that from the safetensors header alone (the front end, per
+request); ``load_adapter`` does it and reads the weights (the engine process).
 """
 
 from __future__ import annotations
@@ -131,42 +133,51 @@ def _check_config(cfg: dict[str, Any], path: str, max_rank: int) -> None:
             fail(f"rank {r} is over max_lora_rank {max_rank}")
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    st = os.path.join(path, "adapter_model.safetensors")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise ValueError(f"LoRA adapter {path!r}: cannot read {st}: {e}") from e
-    binf = os.path.join(path, "adapter_model.bin")
-    if os.path.isfile(binf):
-        try:
-            out = torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"LoRA adapter {path!r}: cannot read {binf}: {e}") from e
-        return dict(out)
+def _adapter_file(path: str) -> str:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            return f
     raise ValueError(
         f"LoRA adapter {path!r} has no adapter_model.safetensors (or adapter_model.bin)"
     )
 
 
-def load_adapter(
-    path: str,
-    hf_config: Any,
-    max_rank: int,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> LoRAAdapter:
-    """Read and check a PEFT adapter; B is pre-multiplied by its scale."""
+def _read_shapes(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor] | None]:
+    """The adapter's tensor names and shapes: from the safetensors header alone (no tensor
+    is read), or from the loaded tensors of a legacy .bin (returned for reuse)."""
+    f = _adapter_file(path)
+    try:
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt") as st:
+                return {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}, None  # noqa: SIM118
+        tensors = dict(torch.load(f, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise ValueError(f"LoRA adapter {path!r}: cannot read {f}: {e}") from e
+    return {k: tuple(v.shape) for k, v in tensors.items()}, tensors
+
+
+def check_adapter(
+    path: str, hf_config: Any, max_rank: int
+) -> dict[tuple[int, str], tuple[str, str, float]]:
+    """Check a PEFT adapter against the model without reading its weights (safetensors):
+    (layer, PEFT module) -> (key of A, key of B, scale). ValueError names what is wrong."""
+    plan, _ = _plan(path, hf_config, max_rank)
+    return plan
+
+
+def _plan(
+    path: str, hf_config: Any, max_rank: int
+) -> tuple[dict[tuple[int, str], tuple[str, str, float]], dict[str, torch.Tensor] | None]:
     cfg = read_config(path)
     _check_config(cfg, path, max_rank)
-    tensors = _read_tensors(path)
-    shapes = module_shapes(hf_config)
+    shapes, tensors = _read_shapes(path)
+    fans = module_shapes(hf_config)
     num_layers = int(hf_config.num_hidden_layers)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
         m = _KEY.match(key)
         if m is None:
             raise ValueError(
@@ -183,39 +194,58 @@ def load_adapter(
             raise ValueError(
                 f"LoRA adapter {path!r}: {key} names layer {layer} but the model has {num_layers}"
             )
-        pairs.setdefault((layer, module), {})[which] = value
+        pairs.setdefault((layer, module), {})[which] = key
     if not pairs:
         raise ValueError(f"LoRA adapter {path!r} holds no LoRA weights")
     use_rslora = bool(cfg.get("use_rslora", False))
     default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    adapter = LoRAAdapter(path=path, rank=0)
+    plan: dict[tuple[int, str], tuple[str, str, float]] = {}
     for (layer, module), ab in sorted(pairs.items()):
         where = f"layers.{layer}.{module}"
         if set(ab) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {path!r}: {where} lacks lora_{'AB'[('A' in ab)]}")
-        a, b = ab["A"], ab["B"]
-        fan_in, fan_out = shapes[module]
-        r = a.shape[0]
-        if (
-            a.dim() != 2
-            or b.dim() != 2
-            or tuple(a.shape) != (r, fan_in)
-            or tuple(b.shape) != (fan_out, r)
-        ):
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
+        fan_in, fan_out = fans[module]
+        r = a[0] if a else 0
+        if a != (r, fan_in) or b != (fan_out, r):
             raise ValueError(
-                f"LoRA adapter {path!r}: {where} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"LoRA adapter {path!r}: {where} has A {a} and B {b}, "
                 f"expected A (r, {fan_in}) and B ({fan_out}, r) for this model"
             )
         if r > max_rank:
             raise ValueError(
                 f"LoRA adapter {path!r}: {where} has rank {r}, over max_lora_rank {max_rank}"
             )
-        module_path = f"model.layers.{layer}.{'self_attn' if module in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{module}"
+        module_path = f"model.layers.{layer}.{TARGETS[module][0].split('.')[0]}.{module}"
         r_cfg = _pattern_value(cfg.get("rank_pattern") or {}, module_path, default_r)
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module_path, default_alpha))
         scale = alpha / math.sqrt(r_cfg) if use_rslora else alpha / r_cfg
-        adapter.rank = max(adapter.rank, r)
-        adapter.weights[(layer, module)] = (
+        plan[(layer, module)] = (ab["A"], ab["B"], scale)
+    return plan, tensors
+
+
+def load_adapter(
+    path: str,
+    hf_config: Any,
+    max_rank: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LoRAAdapter:
+    """Check and read a PEFT adapter; B is pre-multiplied by its scale."""
+    plan, tensors = _plan(path, hf_config, max_rank)
+    if tensors is None:
+        from safetensors.torch import load_file
+
+        f = _adapter_file(path)
+        try:
+            tensors = load_file(f)
+        except Exception as e:
+            raise ValueError(f"LoRA adapter {path!r}: cannot read {f}: {e}") from e
+    adapter = LoRAAdapter(path=path, rank=0)
+    for where, (key_a, key_b, scale) in plan.items():
+        a, b = tensors[key_a], tensors[key_b]
+        adapter.rank = max(adapter.rank, a.shape[0])
+        adapter.weights[where] = (
             a.to(device=device, dtype=dtype).contiguous(),
             (b.float() * scale).to(device=device, dtype=dtype).contiguous(),
         )

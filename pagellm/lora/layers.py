@@ -210,8 +210,9 @@ class LoRAManager:
         self._stack_templates[lora_id] = templates
 
     def _uninstall(self, lora_id: int) -> None:
-        for slot, _ in {id(s): (s, None) for s, _ in self.slots.values()}.values():
-            slot.remove(lora_id)
+        for slots in self._stack_slots:  # every LoRA-carrying Linear, once
+            for slot in slots:
+                slot.remove(lora_id)
         self.active.discard(lora_id)
         self._stack_templates.pop(lora_id, None)
 

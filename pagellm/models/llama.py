@@ -153,13 +153,12 @@ class LlamaModel(nn.Module):
             lib, desc = stack
             hidden = self.embed_tokens(input_ids).contiguous()
             data = meta.backend_data
-            struct = desc._obj
-            if lora is not None:
-                struct.lora, struct.lora_groups = lora[0].ctypes.data, lora[0].shape[2]
+            if lora is not None:  # this step's adapter groups (their arrays live in `lora`)
+                desc.lora, desc.lora_groups = lora[0].ctypes.data, lora[0].shape[2]
             else:
-                struct.lora, struct.lora_groups = None, 0
+                desc.lora, desc.lora_groups = None, 0
             lib.pagellm_llama_stack(
-                desc, hidden.data_ptr(), positions.data_ptr(), hidden.shape[0],
+                ctypes.byref(desc), hidden.data_ptr(), positions.data_ptr(), hidden.shape[0],
                 meta.slot_mapping.data_ptr(), data.block_tables.data_ptr(),
                 data.block_tables.shape[1], data.seq_lens.data_ptr(),
                 data.query_start_loc.data_ptr(), data.token_to_seq.data_ptr(), meta.max_seq_len,
@@ -324,4 +323,4 @@ def build_native_stack(model: Any) -> tuple[Any, Any] | None:
     )  # fmt: skip
     keep.append(descs)
     stack._keep = keep  # type: ignore[attr-defined]  # the layer array lives with it
-    return lib, ctypes.byref(stack)
+    return lib, stack

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 
 
@@ -30,6 +31,7 @@ class RowState:
     num_prompt_tokens: int
     sampling_params: SamplingParams
     prompt_logprobs_done: bool = False
+    lora_request: LoRARequest | None = None
 
 
 class InputBatch:
@@ -94,7 +96,7 @@ class InputBatch:
         block_ids: list[int],
         num_computed: int,
         prompt_logprobs_done: bool,
-        lora_id: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RowState:
         if not self._free:
             self._grow_rows()
@@ -118,8 +120,8 @@ class InputBatch:
         self.presence[row] = p.presence_penalty
         self.frequency[row] = p.frequency_penalty
         self.repetition[row] = p.repetition_penalty
-        self.lora_ids[row] = lora_id
-        state = RowState(req_id, row, num_prompt_tokens, params, prompt_logprobs_done)
+        self.lora_ids[row] = lora_request.lora_int_id if lora_request is not None else 0
+        state = RowState(req_id, row, num_prompt_tokens, params, prompt_logprobs_done, lora_request)
         self.requests[req_id] = state
         return state
 

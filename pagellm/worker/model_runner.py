@@ -33,7 +33,6 @@ from pagellm.layers.attention import (
     set_forward_context,
 )
 from pagellm.lora.layers import Group, LoRAManager, set_lora_groups
-from pagellm.lora.request import LoRARequest
 from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
@@ -100,7 +99,6 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
         self.lora_manager: LoRAManager | None = None
-        self._lora_requests: dict[int, LoRARequest] = {}
         if config.lora is not None:
             lc = config.lora
             self.lora_manager = LoRAManager(
@@ -190,10 +188,8 @@ class ModelRunner:
                 new.num_computed_tokens,
                 # After preemption the prompt's logprobs were already reported.
                 prompt_logprobs_done=bool(new.output_token_ids),
-                lora_id=new.lora_request.lora_int_id if new.lora_request is not None else 0,
+                lora_request=new.lora_request,
             )  # fmt: skip
-            if new.lora_request is not None:
-                self._lora_requests[new.lora_request.lora_int_id] = new.lora_request
         for cached in sched.scheduled_cached_reqs:
             row = batch.requests[cached.req_id].row
             for idx, block in cached.replaced_blocks:
@@ -278,7 +274,9 @@ class ModelRunner:
                 s.prompt_logprobs_done = True
 
         dev = self.device
-        lora_groups = self._lora_groups(rows, q_lens) if self.lora_manager is not None else None
+        lora_groups = (
+            self._lora_groups(states, rows, q_lens) if self.lora_manager is not None else None
+        )
         lora_stack = None
         if lora_groups and self.native_lib is not None:
             assert self.lora_manager is not None
@@ -343,7 +341,9 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def _lora_groups(self, rows: np.ndarray, q_lens: np.ndarray) -> list[Group] | None:
+    def _lora_groups(
+        self, states: list[RowState], rows: np.ndarray, q_lens: np.ndarray
+    ) -> list[Group] | None:
         """The step's tokens per adapter (activating the adapters); None when every
         request runs the base model."""
         lora_of_row = self.batch.lora_ids[rows]
@@ -351,7 +351,9 @@ class ModelRunner:
             return None
         assert self.lora_manager is not None
         ids = [int(i) for i in np.unique(lora_of_row) if i]
-        self.lora_manager.prepare({i: self._lora_requests[i] for i in ids})
+        self.lora_manager.prepare(
+            {s.lora_request.lora_int_id: s.lora_request for s in states if s.lora_request}
+        )
         per_token = np.repeat(lora_of_row, q_lens)
         groups: list[Group] = []
         for lora_id in ids:
@@ -365,7 +367,6 @@ class ModelRunner:
         return groups
 
     def remove_lora(self, lora_id: int) -> bool:
-        self._lora_requests.pop(lora_id, None)
         return self.lora_manager.remove(lora_id) if self.lora_manager is not None else False
 
     @staticmethod
