@@ -150,6 +150,9 @@ static inline __attribute__((always_inline)) void qgroup(
         __m256i isum[MR][2][2];
         for (int i = 0; i < mr; i++)
             isum[i][0][0] = isum[i][0][1] = isum[i][1][0] = isum[i][1][1] = _mm256_setzero_si256();
+        /* Fully unrolled, so that h and par are constants and isum stays in registers
+         * (a variable index put it on the stack: a load and a store per vpdpbusd). */
+#pragma GCC unroll 8
         for (int j = 0; j < 8; j++) {
             __m256i w = code_quad(t, kind, j);
             int h = nsub == 2 ? j >> 2 : 0, par = NPAR == 2 ? j & 1 : 0;
