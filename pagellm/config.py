@@ -143,6 +143,30 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True, eq=False)
+class SpeculativeConfig:
+    """Speculative decoding (see the scheduler's docstring); present only when it is on."""
+
+    method: str
+    """ngram (proposals looked up in the request's own tokens) or draft_model."""
+    num_speculative_tokens: int
+    """Most tokens proposed per request and step (k)."""
+    prompt_lookup_min: int = 2
+    """ngram: shortest suffix of the sequence matched earlier in it."""
+    prompt_lookup_max: int = 5
+    """ngram: longest suffix tried first."""
+    draft: ModelConfig | None = None
+    """draft_model: the draft network (same tokenizer and vocabulary as the target)."""
+    disable_by_batch_size: int = 8
+    """Speculation pauses while more requests than this run (it stops paying there)."""
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a draft model writes past the verified tokens when it proposes (its
+        own proposals but the last): the scheduler keeps them allocated."""
+        return self.num_speculative_tokens - 1 if self.method == "draft_model" else 0
+
+
+@dataclass(frozen=True, eq=False)
 class EngineConfig:
     """Everything an engine needs, resolved."""
 
@@ -153,5 +177,7 @@ class EngineConfig:
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     lora: LoRAConfig | None = None
     """Multi-LoRA settings; None: adapters are refused."""
+    speculative: SpeculativeConfig | None = None
+    """Speculative decoding; None: off."""
     log_stats: bool = False
     """Log throughput and cache usage every few seconds."""

@@ -30,6 +30,25 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_generation_tokens: int = 0
+    spec_num_drafts: int = 0
+    """Speculative decoding: steps that verified proposals for this request, the
+    proposals verified and how many of them were accepted."""
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted share of the proposed tokens (None: nothing was proposed)."""
+        if not self.spec_num_draft_tokens:
+            return None
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens produced per verification step: 1 + accepted proposals per step."""
+        if not self.spec_num_drafts:
+            return None
+        return 1.0 + self.spec_num_accepted_tokens / self.spec_num_drafts
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -91,6 +91,10 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     """Constrain the output: a JSON schema, any JSON object, a regex, a choice of strings or
     a grammar (see pagellm.core.structured_output); a dict is read as its fields."""
+    num_speculative_tokens: int | None = None
+    """Speculative decoding for this request: None follows the engine's
+    speculative_config, 0 turns it off, k > 0 proposes at most k tokens per step (never
+    more than the engine's own number)."""
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     _report_logprobs: bool = field(default=True, repr=False)
 
@@ -186,6 +190,13 @@ class SamplingParams:
         )
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]", self.min_p)
         check(self.seed is None or is_int(self.seed), "seed", "must be an integer", self.seed)
+        if self.num_speculative_tokens is not None:
+            check(
+                is_int(self.num_speculative_tokens) and self.num_speculative_tokens >= 0,
+                "num_speculative_tokens",
+                "must be a non-negative integer",
+                self.num_speculative_tokens,
+            )
         if self.max_tokens is not None:
             check(
                 is_int(self.max_tokens) and self.max_tokens >= 1,

@@ -302,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         # from one level to the next (the workload's own sharing stays intact).
         args.seed = base_seed + 1000 * level
         requests = build_requests(args, tokenizer)
+        spec_before = _spec_counters(args)
         results, duration = asyncio.run(run_once(args, requests, concurrency, tokenizer))
         wave = 0
         while args.duration and duration < args.duration:  # a soak: new prompts per wave
@@ -313,6 +314,12 @@ def run(args: argparse.Namespace) -> int:
             results += more
             duration += took
         m = compute_metrics(results, duration, slos)
+        spec_after = _spec_counters(args)
+        if spec_before is not None and spec_after is not None:
+            drafts, tokens, accepted = (a - b for a, b in zip(spec_after, spec_before))
+            if tokens > 0:
+                m["spec_acceptance_rate"] = accepted / tokens
+                m["spec_mean_accepted_length"] = 1 + accepted / max(drafts, 1)
         m.update(
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
             base_url=args.base_url,
@@ -338,6 +345,35 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_dir:
         plot_sweep(runs, args.plot_dir)
     return 0 if all(r["completed"] for r in runs) else 1
+
+
+def _spec_counters(args: argparse.Namespace) -> tuple[float, float, float] | None:
+    """The server's speculative-decoding counters (drafts, draft tokens, accepted tokens)
+    from its Prometheus /metrics (pagellm's or vLLM's names); None when it has none."""
+    import urllib.request
+
+    req = urllib.request.Request(args.base_url + "/metrics")
+    if args.api_key:
+        req.add_header("Authorization", f"Bearer {args.api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        base = name.split("{")[0].split(":")[-1]
+        if base in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                    "spec_decode_num_accepted_tokens_total"):  # fmt: skip
+            found[base] = found.get(base, 0.0) + float(value.split()[0])
+    if len(found) < 3:
+        return None
+    return (
+        found["spec_decode_num_drafts_total"],
+        found["spec_decode_num_draft_tokens_total"],
+        found["spec_decode_num_accepted_tokens_total"],
+    )
 
 
 def _first_model(args: argparse.Namespace) -> str:
@@ -383,6 +419,9 @@ def _print_run(m: dict[str, Any], results: list[RequestResult]) -> None:
     ]
     if "goodput" in m:
         rows.append(("Goodput (req/s)", f"{m['goodput']:.3f}"))
+    if "spec_acceptance_rate" in m:
+        rows.append(("Speculation: acceptance rate", f"{m['spec_acceptance_rate']:.3f}"))
+        rows.append(("Speculation: mean accepted length", f"{m['spec_mean_accepted_length']:.2f}"))
     print_table("Benchmark summary", rows)
     print_grid(
         "Percentiles",

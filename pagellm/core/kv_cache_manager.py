@@ -106,6 +106,7 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: Sequence[KVBlock] = (),
+        num_lookahead: int = 0,
     ) -> list[int] | None:
         """Make room for num_new_tokens after the computed ones; None if they do not fit.
 
@@ -113,20 +114,25 @@ class KVCacheManager:
         taken blocks returned (``last_replaced`` lists the copy-on-write replacements). Blocks that will be full once this step ran are registered in
         the prefix cache right away: the forward pass writes every layer's K/V before
         any attention reads it, so a request scheduled later in the same step may
-        already share them.
+        already share them. Only blocks full of the request's own (verified) tokens are
+        registered: speculative proposals never enter the prefix cache.
+
+        ``num_lookahead`` more slots are held past the new tokens without being computed
+        by this step (a draft model writes its proposals' KV there).
         """
         bs = self.block_size
         blocks = self.req_to_blocks.setdefault(request.req_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
         num_total = num_computed + num_new_tokens
+        num_held = num_total + num_lookahead
         # Shared blocks we are about to write into need a private copy first.
         first_write = num_computed // bs
         cow = [
             i
-            for i in range(first_write, min(len(blocks), cdiv(num_total, bs)))
+            for i in range(first_write, min(len(blocks), cdiv(num_held, bs)))
             if blocks[i].ref_cnt > 1
         ]
-        num_new_blocks = cdiv(num_total, bs) - len(blocks) - len(new_computed_blocks)
+        num_new_blocks = cdiv(num_held, bs) - len(blocks) - len(new_computed_blocks)
         num_new_blocks = max(num_new_blocks, 0)
         reusable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + len(cow) > self.pool.num_free_blocks - reusable_hits:
@@ -152,8 +158,23 @@ class KVCacheManager:
         fresh_ids = [b.block_id for b in fresh]
         ids.extend(fresh_ids)
         new_ids.extend(fresh_ids)
-        self._cache_full_blocks(request, num_total)
+        self._cache_full_blocks(request, min(num_total, request.num_tokens))
         return new_ids
+
+    def trim(self, request: Request, num_tokens: int) -> int | None:
+        """Free the request's blocks past those holding its first ``num_tokens`` positions
+        (after speculative proposals were rejected); the number of blocks kept, or None
+        when there was nothing to free."""
+        blocks = self.req_to_blocks.get(request.req_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return None
+        dropped = blocks[keep:]
+        del blocks[keep:]
+        del request.block_ids[keep:]
+        assert all(b.block_hash is None for b in dropped), "a cached block held proposals"
+        self.pool.free(reversed(dropped))
+        return keep
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.req_id, [])

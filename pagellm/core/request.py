@@ -84,6 +84,9 @@ class Request:
         # Tokens are chosen outside the sampler (beam search): the scheduler appends them.
         self.external_tokens = sampling_params.use_beam_search
         self.block_ids: list[int] = []
+        # Speculative decoding: tokens proposed for the next step (not yet verified, not
+        # part of all_token_ids).
+        self.spec_token_ids: list[int] = []
         # Full-block hashes of all_token_ids, extended lazily by the KV cache manager.
         self.block_hashes: list[bytes] = []
         limit = max_model_len if max_model_len is not None else 1 << 62

@@ -40,8 +40,13 @@ class CachedRequestData:
     replaced_blocks: list[tuple[int, int]] = field(default_factory=list)
     """(index in block table, new block id) pairs after copy-on-write."""
     num_computed_tokens: int = 0
+    num_blocks_kept: int | None = None
+    """Set when trailing blocks were freed (rejected proposals): the worker keeps this
+    many of its block-table entries before appending new_block_ids."""
     new_token_ids: list[int] = field(default_factory=list)
-    """Tokens appended by the scheduler itself (beam search) that the worker must append."""
+    """The request's tokens appended since the worker last heard of it (sampled by the
+    last step, or chosen by beam search): the scheduler owns the token list, the worker
+    mirrors it and never appends on its own."""
 
 
 @dataclass
@@ -58,8 +63,16 @@ class SchedulerOutput:
     structured_req_ids: list[str] = field(default_factory=list)
     """Constrained requests that sample this step, in the order of structured_bitmask's rows."""
     structured_bitmask: np.ndarray | None = None
-    """[len(structured_req_ids), ceil(vocab / 32)] int32: bit t of word t // 32 set = token
-    t may be sampled (structured outputs)."""
+    """[rows, ceil(vocab / 32)] int32: bit t of word t // 32 set = token t may be sampled
+    (structured outputs); one row per request in structured_req_ids, or 1 + its number of
+    scheduled_spec_tokens rows for one whose proposals are verified."""
+    scheduled_spec_tokens: dict[str, list[int]] = field(default_factory=dict)
+    """Speculative decoding: the proposed tokens verified this step, per request. They are
+    counted in num_scheduled_tokens (1 + len per request) but are not the request's
+    tokens until accepted."""
+    draft_propose: dict[str, int] = field(default_factory=dict)
+    """Draft-model speculation: requests the worker's draft proposes for after this step,
+    with how many tokens."""
 
     @property
     def is_empty(self) -> bool:
@@ -80,10 +93,12 @@ class ModelRunnerOutput:
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
     """Per request in req_ids: the tokens sampled this step (empty mid-prefill)."""
-    logprobs: list[TokenLogprobs | None] | None = None
-    """Per request in req_ids, when asked: logprobs of the sampled token."""
+    logprobs: list[list[TokenLogprobs] | None] | None = None
+    """Per request in req_ids, when asked: logprobs of each token in sampled_token_ids."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request: logprobs of the prompt tokens covered by this step's chunk."""
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """A draft model's proposals for the next step (SchedulerOutput.draft_propose)."""
 
 
 @dataclass
@@ -107,6 +122,9 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    spec_num_draft_tokens: int = 0
+    """Speculative decoding: proposals verified this step, and how many were accepted."""
+    spec_num_accepted_tokens: int = 0
     beam_results: list[BeamResult] | None = None
     """Set on the final output of a beam search: the returned sequences, best first."""
 

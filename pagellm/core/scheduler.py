@@ -12,6 +12,20 @@ When the KV pool cannot hold a running request's next tokens, the newest running
 request (under ``--scheduling-policy priority``: the least important one) is preempted: its blocks are freed and it goes back to the head of the queue to
 be recomputed later (its generated tokens are kept). A request therefore never crashes
 the engine for lack of memory and is never lost.
+
+Token ownership: a request's tokens are appended here only (``update_from_output``, or
+``append_token`` for beam search); the worker mirrors them from the deltas it is sent.
+
+Speculative decoding: a decoding request with proposals (``Request.spec_token_ids``:
+n-gram lookup here, core/ngram_proposer.py; or a draft model's from the worker,
+worker/draft_model.py) is scheduled for 1 + s tokens, [last token, d1..ds], counted in
+``num_computed_tokens`` like any others. The sampler's rejection test
+(``Sampler.verify``) keeps a prefix of the proposals and adds a token of its own, so the
+output is distributed exactly as without speculation; ``update_from_output`` takes the
+rejected positions back from ``num_computed_tokens`` and frees blocks that held only
+them. The prefix cache registers only blocks of the request's own tokens, so unverified
+ones never enter it. No step speculates while more than ``disable_by_batch_size``
+requests run.
 """
 
 from __future__ import annotations
@@ -21,8 +35,11 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from pagellm.config import CacheConfig, SchedulerConfig
+import numpy as np
+
+from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.ngram_proposer import propose_ngram
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
     CachedRequestData,
@@ -44,8 +61,14 @@ class Scheduler:
         num_blocks: int,
         structured: StructuredOutputManager | None = None,
         max_loras: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = scheduler_config
+        # Speculative decoding (None: off) and its counters since start-up.
+        self.spec = speculative
+        self.spec_num_drafts = 0  # verification steps that checked at least one token
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
         # Most distinct LoRA adapters among running requests (0: LoRA is off).
         self.max_loras = max_loras
         self.block_size = cache_config.block_size
@@ -57,10 +80,14 @@ class Scheduler:
         self.running: list[Request] = []
         # Requests the worker still holds state for but which ended since the last step.
         self._finished_ids: set[str] = set()
-        # Requests whose worker state is known (sent once as NewRequestData).
-        self._worker_known: set[str] = set()
-        # Tokens appended by append_token that the worker has not been sent yet.
-        self._pending_tokens: dict[str, list[int]] = {}
+        # Token ownership: a Request's all_token_ids is the only copy that is ever
+        # appended to (by update_from_output, or append_token for beam search). The
+        # worker holds a mirror, sent whole once (NewRequestData) and then as deltas:
+        # request id -> how many of the request's tokens the worker holds.
+        self._worker_known: dict[str, int] = {}
+        # Requests whose trailing blocks were freed after a rejection: how many remain
+        # (the worker truncates its block table before appending).
+        self._trimmed: dict[str, int] = {}
         self.num_preemptions = 0
         # Structured outputs: the grammar matchers (None: the engine has no backend).
         self.structured = structured
@@ -162,11 +189,9 @@ class Scheduler:
             self._enqueue(child, front=True)
 
     def append_token(self, req_id: str, token_id: int) -> None:
-        """Append a token chosen outside the sampler (beam search); the worker is told."""
-        request = self.requests[req_id]
-        request.append_output_token(token_id)
-        if req_id in self._worker_known:
-            self._pending_tokens.setdefault(req_id, []).append(token_id)
+        """Append a token chosen outside the sampler (beam search); like every token, it
+        reaches the worker with the request's next scheduled step."""
+        self.requests[req_id].append_output_token(token_id)
 
     def _start_fork(self, parent: Request, child: Request) -> None:
         """``child`` runs on from where ``parent`` is, sharing all of its KV blocks."""
@@ -190,9 +215,8 @@ class Scheduler:
         if self.structured is not None:
             self.structured.free(request.req_id)
         self.requests.pop(request.req_id, None)
-        self._pending_tokens.pop(request.req_id, None)
-        if request.req_id in self._worker_known:
-            self._worker_known.discard(request.req_id)
+        self._trimmed.pop(request.req_id, None)
+        if self._worker_known.pop(request.req_id, None) is not None:
             self._finished_ids.add(request.req_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -228,12 +252,12 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        self._trimmed.pop(request.req_id, None)
         request.num_preemptions += 1
         self.num_preemptions += 1
-        if request.req_id in self._worker_known:
-            self._worker_known.discard(request.req_id)
+        if self._worker_known.pop(request.req_id, None) is not None:
             self._finished_ids.add(request.req_id)
-        self._pending_tokens.pop(request.req_id, None)
         self._enqueue(request, front=True)
         logger.debug("preempted %s (%d tokens)", request.req_id, request.num_tokens)
 
@@ -244,6 +268,11 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted_any = False
         now = time.time()
+        # Proposed tokens verified this step; requests a draft model proposes for.
+        spec_tokens: dict[str, list[int]] = {}
+        spec_masks: dict[str, np.ndarray] = {}
+        draft_propose: dict[str, int] = {}
+        spec_on = self.spec_active
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -255,19 +284,31 @@ class Scheduler:
                 # Nothing to compute (a beam waiting for its group to choose its token).
                 i += 1
                 continue
-            new_block_ids = self.kv.allocate_slots(request, num_new)
+            spec: list[int] = []
+            if num_new == 1 and request.spec_token_ids and spec_on:
+                spec = self._spec_to_verify(request, budget - 1, spec_masks)
+                num_new += len(spec)
+            lookahead = self._draft_lookahead(request, num_new, spec_on)
+            new_block_ids = self.kv.allocate_slots(request, num_new, num_lookahead=lookahead)
             while new_block_ids is None:
                 victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted_any = True
                 if victim is request:
                     break
-                new_block_ids = self.kv.allocate_slots(request, num_new)
+                new_block_ids = self.kv.allocate_slots(request, num_new, num_lookahead=lookahead)
             if new_block_ids is None:
+                spec_masks.pop(request.req_id, None)
                 break
+            request.spec_token_ids = []  # consumed: the next proposals come from this step
+            if spec:
+                spec_tokens[request.req_id] = spec
+            if lookahead:
+                draft_propose[request.req_id] = self._spec_k(request)
             num_scheduled[request.req_id] = num_new
             budget -= num_new
-            if request.req_id in self._worker_known:
+            known = self._worker_known.get(request.req_id)
+            if known is not None:
                 replaced = self.kv.last_replaced
                 appended = len(new_block_ids) - len(replaced)
                 cached_reqs.append(
@@ -276,9 +317,11 @@ class Scheduler:
                         new_block_ids=new_block_ids[len(replaced) :] if appended else [],
                         replaced_blocks=replaced,
                         num_computed_tokens=request.num_computed_tokens,
-                        new_token_ids=self._pending_tokens.pop(request.req_id, []),
+                        new_token_ids=request.all_token_ids[known:],
+                        num_blocks_kept=self._trimmed.pop(request.req_id, None),
                     )
                 )
+                self._worker_known[request.req_id] = request.num_tokens
             else:
                 new_reqs.append(self._new_request_data(request))
             i += 1
@@ -299,7 +342,8 @@ class Scheduler:
                 continue
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.compute_target - num_hit_tokens, budget)
-            if self.kv.allocate_slots(request, num_new, hits) is None:
+            lookahead = self._draft_lookahead(request, num_new, spec_on, num_hit_tokens)
+            if self.kv.allocate_slots(request, num_new, hits, lookahead) is None:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit_tokens
@@ -316,6 +360,8 @@ class Scheduler:
                 continue
             num_scheduled[request.req_id] = num_new
             budget -= num_new
+            if lookahead:
+                draft_propose[request.req_id] = self._spec_k(request)
             new_reqs.append(self._new_request_data(request))
 
         for request in reversed(skipped):
@@ -323,7 +369,6 @@ class Scheduler:
 
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
-            self._worker_known.add(req_id)
 
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -332,19 +377,90 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_ids,
             block_copies=self.kv.take_pending_copies(),
+            scheduled_spec_tokens=spec_tokens,
+            draft_propose=draft_propose,
         )
         if self.structured is not None:
-            # The constrained requests that sample this step get their allowed tokens.
+            # The constrained requests that sample this step get their allowed tokens (a
+            # row per verified position for those with proposals).
             ids = [
                 r for r in num_scheduled
                 if self.structured.has(r)
-                and self.requests[r].num_computed_tokens == self.requests[r].num_tokens
+                and self.requests[r].num_computed_tokens >= self.requests[r].num_tokens
             ]  # fmt: skip
             if ids:
                 out.structured_req_ids = ids
-                out.structured_bitmask = self.structured.bitmask(ids)
+                plain = [r for r in ids if r not in spec_masks]
+                if not spec_masks:
+                    out.structured_bitmask = self.structured.bitmask(ids)
+                else:
+                    rows = dict(zip(plain, self.structured.bitmask(plain))) if plain else {}
+                    out.structured_bitmask = np.concatenate(
+                        [spec_masks[r] if r in spec_masks else rows[r][None] for r in ids]
+                    )
         self._finished_ids = set()
         return out
+
+    # ---- speculative decoding ----------------------------------------------------------
+
+    @property
+    def spec_active(self) -> bool:
+        """Whether this step speculates: it is configured and the batch is small enough
+        for verifying extra tokens to cost less than the steps it saves."""
+        return self.spec is not None and len(self.running) <= self.spec.disable_by_batch_size
+
+    def _spec_k(self, request: Request) -> int:
+        """Most tokens to propose for a request (0: it does not speculate)."""
+        if self.spec is None or request.external_tokens:
+            return 0
+        want = request.sampling_params.num_speculative_tokens
+        k = self.spec.num_speculative_tokens
+        return k if want is None else min(want, k)
+
+    def _draft_lookahead(
+        self, request: Request, num_new: int, spec_on: bool, num_computed: int | None = None
+    ) -> int:
+        """KV slots to hold past this step's tokens for a draft model: only for requests
+        that sample this step and speculate. The draft writes the KV of the step's last
+        token (which the target computes next step) and of its proposals but the last:
+        k slots past the verified positions."""
+        if not spec_on or self.spec is None or self.spec.method != "draft_model":
+            return 0
+        done = request.num_computed_tokens if num_computed is None else num_computed
+        if done + num_new < request.num_tokens or request.pending_forks:
+            return 0
+        return self._spec_k(request)
+
+    def _spec_to_verify(
+        self, request: Request, room: int, masks: dict[str, np.ndarray]
+    ) -> list[int]:
+        """The request's proposals that this step verifies: within the token budget, its
+        max_tokens (the step adds one token of its own) and, when constrained, the prefix
+        its grammar allows (``masks`` then gets the request's allowed-token rows)."""
+        n = min(
+            len(request.spec_token_ids), self._spec_k(request), room,
+            request.max_tokens - request.num_output_tokens - 1,
+        )  # fmt: skip
+        spec = request.spec_token_ids[: max(n, 0)]
+        if spec and self.structured is not None and self.structured.has(request.req_id):
+            rows, valid = self.structured.bitmask_with_drafts(request.req_id, spec)
+            spec = spec[:valid]
+            masks[request.req_id] = rows
+        return spec
+
+    def _propose(self, request: Request, drafts: list[int] | None) -> None:
+        """Store the proposals for the request's next step (n-gram lookup here; a draft
+        model's come from the worker)."""
+        k = self._spec_k(request)
+        if k == 0 or self.spec is None or not self.spec_active:
+            return
+        if self.spec.method == "ngram":
+            spec = self.spec
+            request.spec_token_ids = propose_ngram(
+                request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max
+            )
+        elif drafts:
+            request.spec_token_ids = drafts[:k]
 
     def _lora_fits(self, request: Request) -> bool:
         """Whether admitting the request keeps the running adapters within max_loras."""
@@ -370,7 +486,7 @@ class Scheduler:
         return True
 
     def _new_request_data(self, request: Request) -> NewRequestData:
-        self._pending_tokens.pop(request.req_id, None)  # the full token list goes along
+        self._worker_known[request.req_id] = request.num_tokens  # the full list goes along
         return NewRequestData(
             req_id=request.req_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -396,14 +512,23 @@ class Scheduler:
             if request.external_tokens:
                 # Beam search: report the candidates; the group appends the chosen token.
                 lp = result.logprobs[idx] if result.logprobs is not None else None
-                if new_ids and lp is not None:
+                if new_ids and lp:
                     outputs.append(
-                        EngineCoreOutput(req_id=req_id, new_token_ids=[], new_logprobs=[lp])
+                        EngineCoreOutput(req_id=req_id, new_token_ids=[], new_logprobs=lp)
                     )
                 continue
             prompt_lps = result.prompt_logprobs.get(req_id)
             if not new_ids and prompt_lps is None:
                 continue
+            spec = sched.scheduled_spec_tokens.get(req_id)
+            num_drafts = num_accepted = 0
+            if spec:
+                # The rejected proposals' KV positions are taken back.
+                num_drafts, num_accepted = len(spec), len(new_ids) - 1
+                request.num_computed_tokens -= num_drafts - num_accepted
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += num_drafts
+                self.spec_num_accepted_tokens += num_accepted
             appended: list[int] = []
             constrained = self.structured is not None and self.structured.has(req_id)
             for tok in new_ids:
@@ -418,7 +543,7 @@ class Scheduler:
             lps = None
             if result.logprobs is not None and new_ids:
                 lp = result.logprobs[idx]
-                lps = [lp] if lp is not None else None
+                lps = lp[: len(appended)] if lp is not None else None
             out = EngineCoreOutput(
                 req_id=req_id,
                 new_token_ids=appended,
@@ -426,14 +551,30 @@ class Scheduler:
                 new_prompt_logprobs=prompt_lps,
                 num_cached_tokens=max(request.num_cached_tokens, 0),
                 first_scheduled_time=request.first_scheduled_time,
+                spec_num_draft_tokens=num_drafts,
+                spec_num_accepted_tokens=num_accepted,
             )
             if request.is_finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason
                 self.running.remove(request)
                 self._free_request(request)
+            elif new_ids:
+                if spec:
+                    self._trim_blocks(request)
+                self._propose(request, result.draft_token_ids.get(req_id))
             outputs.append(out)
         return outputs
+
+    def _trim_blocks(self, request: Request) -> None:
+        """Free the blocks that hold only rejected proposals (a draft model keeps the
+        slots its next proposals write)."""
+        keep = request.num_tokens
+        if self.spec is not None:
+            keep += self.spec.num_lookahead_tokens
+        kept = self.kv.trim(request, keep)
+        if kept is not None and request.req_id in self._worker_known:
+            self._trimmed[request.req_id] = min(kept, self._trimmed.get(request.req_id, kept))
 
     # ---- stats -------------------------------------------------------------------------
 

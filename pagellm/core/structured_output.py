@@ -452,6 +452,26 @@ class StructuredOutputManager:
             backend.fill(matcher, mask, i)
         return mask
 
+    def bitmask_with_drafts(self, req_id: str, drafts: list[int]) -> tuple[np.ndarray, int]:
+        """Allowed-token rows for verifying speculative proposals: row i for the position
+        after drafts[:i]. Stops at the first proposal the grammar refuses; returns the
+        rows (1 + the number of valid proposals) and that number. The matcher ends where
+        it started (advanced through the valid proposals, then rolled back)."""
+        backend, matcher = self._matchers[req_id]
+        mask = np.empty((len(drafts) + 1, self.words), dtype=np.int32)
+        valid = 0
+        for i, tok in enumerate(drafts):
+            backend.fill(matcher, mask, i)
+            word = int(mask[i, tok >> 5]) if (tok >> 5) < self.words else 0
+            if not (word >> (tok & 31)) & 1 or not backend.accept(matcher, tok):
+                break
+            valid = i + 1
+        if valid == len(drafts):
+            backend.fill(matcher, mask, valid)
+        if valid:
+            backend.rollback(matcher, valid)
+        return mask[: valid + 1], valid
+
     def accept(self, req_id: str, token_ids: list[int]) -> bool:
         """Advance the request's matcher; True when the grammar is complete (the request
         should stop) or was violated (it cannot go on)."""

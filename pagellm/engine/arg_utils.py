@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pagellm.config import (
     LoRAConfig,
     ModelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     StructuredOutputsConfig,
 )
 from pagellm.utils import parse_size, strict_kwargs
@@ -108,6 +110,11 @@ class EngineArgs:
     """Largest adapter rank accepted."""
     max_cpu_loras: int | None = None
     """Adapters kept loaded in host memory (LRU); default: max_loras."""
+    speculative_config: dict[str, Any] | str | None = None
+    """Speculative decoding, vLLM's keys (a dict or its JSON text): {"method": "ngram",
+    "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b} or
+    {"method": "draft_model", "model": PATH, "num_speculative_tokens": k,
+    "quantization": ...}; "disable_by_batch_size" pauses it above that many requests."""
     log_stats: bool = False
     """Log throughput and KV usage periodically."""
 
@@ -280,8 +287,89 @@ class EngineArgs:
             )
             if self.enable_lora
             else None,
+            speculative=self._speculative_config(model_config),
             log_stats=self.log_stats,
         )
+
+    def _speculative_config(self, target: ModelConfig) -> SpeculativeConfig | None:
+        """Parse and check --speculative-config against the target model."""
+        spec = self.speculative_config
+        if spec is None or spec == "":
+            return None
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        spec = dict(spec)
+        known = {"method", "model", "num_speculative_tokens", "prompt_lookup_min",
+                 "prompt_lookup_max", "quantization", "disable_by_batch_size"}  # fmt: skip
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}"
+            )
+        method = spec.get("method")
+        if method is None:  # vLLM's older spelling: the model names the method
+            method = "ngram" if spec.get("model") in ("[ngram]", "ngram") else "draft_model"
+        if method == "draft":
+            method = "draft_model"
+        if method not in ("ngram", "draft_model"):
+            raise ValueError(
+                f"speculative_config: method {method!r} is not supported (ngram, draft_model)"
+            )
+        k = spec.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ValueError(
+                "speculative_config: num_speculative_tokens must be an integer from 1 to 16"
+            )
+        disable = spec.get("disable_by_batch_size", 8)
+        if not isinstance(disable, int) or disable < 1:
+            raise ValueError("speculative_config: disable_by_batch_size must be a positive integer")
+        if method == "ngram":
+            hi = spec.get("prompt_lookup_max")
+            lo = spec.get("prompt_lookup_min")
+            hi = hi if hi is not None else max(lo or 0, 5)
+            lo = lo if lo is not None else min(2, hi)
+            if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+                raise ValueError(
+                    "speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max"
+                )
+            return SpeculativeConfig("ngram", k, lo, hi, disable_by_batch_size=disable)
+        path = spec.get("model")
+        if not path:
+            raise ValueError("speculative_config: method draft_model needs a model path")
+        return SpeculativeConfig(
+            "draft_model", k, draft=self._draft_model_config(str(path), spec, target),
+            disable_by_batch_size=disable,
+        )  # fmt: skip
+
+    def _draft_model_config(
+        self, path: str, spec: dict[str, Any], target: ModelConfig
+    ) -> ModelConfig:
+        from pagellm.models.loader import (
+            load_hf_config,
+            resolve_model_path,
+            resolve_quantization,
+        )
+
+        draft_path = resolve_model_path(path)
+        hf_config, arch = load_hf_config(draft_path)
+        if int(hf_config.vocab_size) != int(target.hf_config.vocab_size):
+            raise ValueError(
+                f"draft model {path!r} has a vocabulary of {hf_config.vocab_size} tokens, the "
+                f"target {target.hf_config.vocab_size}: they must share the tokenizer"
+            )
+        quant = resolve_quantization(
+            spec.get("quantization") or "auto", draft_path, hf_config,
+            self.quantization_group_size,
+        )  # fmt: skip
+        return dataclasses.replace(
+            target, model=path, model_path=draft_path, architecture=arch, hf_config=hf_config,
+            quantization=quant,
+        )  # fmt: skip
 
     # ---- command line -----------------------------------------------------------------
 
@@ -340,6 +428,10 @@ class EngineArgs:
         add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
         add("--max-cpu-loras", type=int, default=None,
             help="adapters kept loaded in host memory, LRU (default: --max-loras)")  # fmt: skip
+        add("--speculative-config", default=None,
+            help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+            '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": PATH, '
+            '"num_speculative_tokens": 3}\'')  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")
 
     @classmethod

@@ -66,6 +66,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler, config.cache, self.plan.num_blocks, self.structured,
             max_loras=config.lora.max_loras if config.lora is not None else 0,
+            speculative=config.speculative,
         )  # fmt: skip
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self._lora_to_remove: set[int] = set()
@@ -149,6 +150,9 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             running_loras=_lora_names(s.running) if self.config.lora is not None else (),
             waiting_loras=_lora_names(s.waiting) if self.config.lora is not None else (),
+            spec_num_drafts=s.spec_num_drafts,
+            spec_num_draft_tokens=s.spec_num_draft_tokens,
+            spec_num_accepted_tokens=s.spec_num_accepted_tokens,
         )
 
     def step(self) -> list[EngineCoreOutput]:

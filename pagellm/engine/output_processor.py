@@ -222,6 +222,10 @@ class OutputProcessor:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = co.first_scheduled_time
             state.num_cached_tokens = co.num_cached_tokens
+            if co.spec_num_draft_tokens:
+                m.spec_num_drafts += 1
+                m.spec_num_draft_tokens += co.spec_num_draft_tokens
+                m.spec_num_accepted_tokens += co.spec_num_accepted_tokens
             if co.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(
                     self._to_logprob_dict(lp) for lp in co.new_prompt_logprobs
@@ -395,6 +399,9 @@ class OutputProcessor:
                 last_token_time=_max_opt(k.metrics.last_token_time for k in kids),
                 finished_time=_max_opt(k.metrics.finished_time for k in kids) if finished else None,
                 num_generation_tokens=sum(k.metrics.num_generation_tokens for k in kids),
+                spec_num_drafts=sum(k.metrics.spec_num_drafts for k in kids),
+                spec_num_draft_tokens=sum(k.metrics.spec_num_draft_tokens for k in kids),
+                spec_num_accepted_tokens=sum(k.metrics.spec_num_accepted_tokens for k in kids),
             )
         return RequestOutput(
             request_id=req_id,

@@ -91,9 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     api_server.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from pagellm.benchmarks import grammar, latency, perplexity, roofline, serve, throughput
+    from pagellm.benchmarks import (
+        grammar,
+        latency,
+        perplexity,
+        roofline,
+        serve,
+        speculative,
+        throughput,
+    )
 
-    for module in (throughput, serve, latency, roofline, perplexity, grammar):
+    for module in (throughput, serve, latency, roofline, perplexity, grammar, speculative):
         module.add_parser(bench)
     return parser
 

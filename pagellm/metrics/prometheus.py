@@ -98,6 +98,31 @@ class PrometheusStatLogger:
         self.kv_usage = Gauge(
             "pagellm:kv_cache_usage_perc", "Share of KV blocks in use (0..1).", labels, registry=r
         )
+        # Speculative decoding (vLLM's spec_decode_* counters), and the two figures people
+        # read off them: acceptance rate and mean accepted length (since start-up).
+        self.spec_drafts = Counter(
+            "pagellm:spec_decode_num_drafts",
+            "Verification steps of speculative proposals (one per request and step).",
+            labels, registry=r,
+        )  # fmt: skip
+        self.spec_draft_tokens = Counter(
+            "pagellm:spec_decode_num_draft_tokens", "Proposed tokens verified.", labels, registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "pagellm:spec_decode_num_accepted_tokens",
+            "Proposed tokens accepted.",
+            labels, registry=r,
+        )  # fmt: skip
+        self.spec_acceptance = Gauge(
+            "pagellm:spec_decode_acceptance_rate",
+            "Accepted share of the proposed tokens since start-up (0..1).",
+            labels, registry=r,
+        )  # fmt: skip
+        self.spec_mean_length = Gauge(
+            "pagellm:spec_decode_mean_accepted_length",
+            "Tokens produced per verification step since start-up (1 + accepted per step).",
+            labels, registry=r,
+        )  # fmt: skip
         # vLLM's lora_requests_info: one series whose labels name the running and waiting
         # adapters (value: when it was last set); only with LoRA enabled.
         self.max_loras = max_loras
@@ -145,6 +170,22 @@ class PrometheusStatLogger:
                 max(scheduler.prefix_cache_hits - last.prefix_cache_hits, 0)
             )
             self.preemptions.labels(m).inc(max(scheduler.num_preemptions - last.num_preemptions, 0))
+            if scheduler.spec_num_drafts:
+                self.spec_drafts.labels(m).inc(
+                    max(scheduler.spec_num_drafts - last.spec_num_drafts, 0)
+                )
+                self.spec_draft_tokens.labels(m).inc(
+                    max(scheduler.spec_num_draft_tokens - last.spec_num_draft_tokens, 0)
+                )
+                self.spec_accepted_tokens.labels(m).inc(
+                    max(scheduler.spec_num_accepted_tokens - last.spec_num_accepted_tokens, 0)
+                )
+                self.spec_acceptance.labels(m).set(
+                    scheduler.spec_num_accepted_tokens / scheduler.spec_num_draft_tokens
+                )
+                self.spec_mean_length.labels(m).set(
+                    1 + scheduler.spec_num_accepted_tokens / scheduler.spec_num_drafts
+                )
             if self.lora_info is not None:
                 self.lora_info.clear()
                 self.lora_info.labels(

@@ -52,3 +52,9 @@ class SchedulerStats:
     """LoRA adapters of the running requests (names, sorted)."""
     waiting_loras: tuple[str, ...] = ()
     """LoRA adapters of the waiting requests."""
+    spec_num_drafts: int = 0
+    """Cumulative speculative verification steps (a request with proposals, a step)."""
+    spec_num_draft_tokens: int = 0
+    """Cumulative proposed tokens verified."""
+    spec_num_accepted_tokens: int = 0
+    """Cumulative proposed tokens accepted."""

@@ -132,9 +132,11 @@ class Sampler:
     def __init__(self, global_generator: torch.Generator | None = None) -> None:
         self.generator = global_generator
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """Sample one token per row. Takes ownership of ``logits``: its rows may be
-        modified in place (no copy of a [batch, vocab] tensor per step)."""
+    def _process(
+        self, logits: torch.Tensor, meta: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 1-3 (and the grammar's mask): (processed logits, raw log-probabilities
+        when logprobs are asked)."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
@@ -158,7 +160,12 @@ class Sampler:
         if meta.token_bitmask is not None:
             assert meta.bitmask_rows is not None
             apply_token_bitmask(logits, meta.token_bitmask, meta.bitmask_rows)
+        return logits, raw_logprobs
 
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """Sample one token per row. Takes ownership of ``logits``: its rows may be
+        modified in place (no copy of a [batch, vocab] tensor per step)."""
+        logits, raw_logprobs = self._process(logits, meta)
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         else:
@@ -169,7 +176,14 @@ class Sampler:
             if bool(greedy_rows.any()):
                 sampled = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
-        out = SamplerOutput(sampled=sampled)
+        return self._with_logprobs(SamplerOutput(sampled=sampled), raw_logprobs, meta)
+
+    @staticmethod
+    def _with_logprobs(
+        out: SamplerOutput, raw_logprobs: torch.Tensor | None, meta: SamplingMetadata
+    ) -> SamplerOutput:
+        """Add the logprobs of ``out.sampled`` (and the top-N) when they are asked."""
+        sampled = out.sampled
         if raw_logprobs is not None:
             assert meta.max_num_logprobs is not None
             chosen = raw_logprobs.gather(1, sampled[:, None])
@@ -184,8 +198,89 @@ class Sampler:
             out.sampled_ranks = ranks
         return out
 
-    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """Draw one token per row; divides ``logits`` by the temperatures in place."""
+    def verify(
+        self,
+        logits: torch.Tensor,
+        meta: SamplingMetadata,
+        drafts: list[list[int]],
+        uniforms: torch.Tensor | None = None,
+    ) -> tuple[SamplerOutput, list[list[int]]]:
+        """Speculative verification (rejection sampling with a deterministic proposer).
+
+        Request i owns ``len(drafts[i]) + 1`` consecutive rows: row j holds the target's
+        logits after the request's tokens and drafts[i][:j] (``meta`` describes each row
+        accordingly: its penalties' token lists, seed step and grammar mask). A proposal
+        d at row j is kept with probability p_j(d) under the row's final distribution
+        (temperature, top-k/p, min-p); at the first refusal the token is drawn from p_j
+        with d removed and renormalized, and if every proposal is kept a bonus token is
+        drawn from the last row. Proposals are point masses (n-gram lookup, a greedy
+        draft), so for every token x: P(x) = p(d)[x = d] + (1 - p(d)) p(x) / (1 - p(d))
+        [x != d] = p(x): the output is distributed exactly as ordinary sampling's (Leviathan
+        et al. 2023, Chen et al. 2023, with q a point mass). Greedy rows are one-hot, so a
+        greedy request keeps exactly the proposals equal to its argmax.
+
+        ``uniforms`` [rows, 2] (tests) replaces the random numbers: column 0 for the accept
+        test, column 1 for the draw. Returns the rows' chosen tokens (with logprobs when
+        asked; rows past a request's refusal hold its last token) and each request's
+        tokens: the accepted proposals, then one drawn token.
+        """
+        logits, raw_logprobs = self._process(logits, meta)
+        n, vocab = logits.shape
+        if meta.all_greedy:
+            probs = torch.zeros_like(logits)
+            probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        else:
+            greedy_rows = meta.temperature == 0
+            argmax = logits.argmax(dim=-1)
+            probs = self._probs(logits, meta)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            if bool(greedy_rows.any()):
+                one_hot = torch.zeros_like(probs).scatter_(1, argmax[:, None], 1.0)
+                probs = torch.where(greedy_rows[:, None], one_hot, probs)
+        if uniforms is None:
+            uniforms = torch.rand(n, 2, device=probs.device, generator=self.generator)
+            for row, gen in meta.generators.items():
+                uniforms[row] = torch.rand(2, device=probs.device, generator=gen)
+        starts = [0]
+        for d in drafts:
+            starts.append(starts[-1] + len(d) + 1)
+        assert starts[-1] == n, (starts[-1], n)
+        flat = [t for d in drafts for t in (*d, 0)]
+        draft_t = torch.tensor(flat, dtype=torch.long, device=probs.device)
+        p_draft = probs.gather(1, draft_t[:, None])[:, 0]
+        accept = (uniforms[:, 0].to(p_draft.device) < p_draft).tolist()
+        # Each request's first refusal (or its bonus row).
+        final_rows: list[int] = []
+        for i, d in enumerate(drafts):
+            k = 0
+            while k < len(d) and accept[starts[i] + k]:
+                k += 1
+            final_rows.append(starts[i] + k)
+        fr = torch.tensor(final_rows, dtype=torch.long, device=probs.device)
+        final = probs.index_select(0, fr)
+        refused = [j for j, (i, r) in enumerate(zip(range(len(drafts)), final_rows))
+                   if r - starts[i] < len(drafts[i])]  # fmt: skip
+        if refused:
+            idx = torch.tensor(refused, device=probs.device)
+            refused_tok = draft_t.index_select(0, fr.index_select(0, idx))
+            residual = final.index_select(0, idx).scatter_(1, refused_tok[:, None], 0.0)
+            final.index_copy_(0, idx, residual)
+        cdf = final.cumsum_(dim=-1)
+        target = (uniforms[:, 1].to(cdf.device).index_select(0, fr) * cdf[:, -1])[:, None]
+        drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=vocab - 1).tolist()
+        tokens: list[list[int]] = []
+        chosen = list(flat)
+        for i, d in enumerate(drafts):
+            k = final_rows[i] - starts[i]
+            tokens.append([*d[:k], drawn[i]])
+            for r in range(final_rows[i], starts[i + 1]):
+                chosen[r] = drawn[i]
+        out = SamplerOutput(sampled=torch.tensor(chosen, dtype=torch.long, device=probs.device))
+        return self._with_logprobs(out, raw_logprobs, meta), tokens
+
+    def _probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Each row's distribution after temperature, top-k, top-p and min-p (min-p's
+        cut tokens are zeroed, not renormalized); divides ``logits`` in place."""
         temp = torch.where(
             meta.temperature == 0, torch.ones_like(meta.temperature), meta.temperature
         )
@@ -196,6 +291,11 @@ class Sampler:
         if meta.min_p is not None:
             floor = probs.max(dim=-1, keepdim=True).values * meta.min_p[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
+        return probs
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Draw one token per row; divides ``logits`` by the temperatures in place."""
+        probs = self._probs(logits, meta)
         # Inverse-CDF sampling: one uniform number per row (a seeded row draws its own),
         # the first token whose cumulative probability exceeds it. The fp32 cumulative
         # sum errs by about 1e-7 per token, far below any probability that matters.

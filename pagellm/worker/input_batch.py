@@ -57,6 +57,10 @@ class InputBatch:
         self.frequency = np.zeros(n, dtype=np.float32)
         self.repetition = np.ones(n, dtype=np.float32)
         self.lora_ids = np.zeros(n, dtype=np.int64)  # 0: the base model
+        # A draft model's KV per row (speculative decoding): positions it holds for the
+        # row's tokens, and how many proposals' KV it wrote past them last time.
+        self.draft_done = np.zeros(n, dtype=np.int64)
+        self.draft_ahead = np.zeros(n, dtype=np.int64)
         self.requests: dict[str, RowState] = {}
         self._free = list(range(n - 1, -1, -1))
 
@@ -74,7 +78,7 @@ class InputBatch:
         for name, fill in (("num_tokens", 0), ("num_computed", 0), ("num_blocks", 0),
                            ("temperature", 0), ("top_k", 0), ("top_p", 1), ("min_p", 0),
                            ("presence", 0), ("frequency", 0), ("repetition", 1),
-                           ("lora_ids", 0)):  # fmt: skip
+                           ("lora_ids", 0), ("draft_done", 0), ("draft_ahead", 0)):  # fmt: skip
             arr = getattr(self, name)
             grown = np.full(new, fill, dtype=arr.dtype)
             grown[:old] = arr
@@ -121,6 +125,8 @@ class InputBatch:
         self.frequency[row] = p.frequency_penalty
         self.repetition[row] = p.repetition_penalty
         self.lora_ids[row] = lora_request.lora_int_id if lora_request is not None else 0
+        self.draft_done[row] = 0
+        self.draft_ahead[row] = 0
         state = RowState(req_id, row, num_prompt_tokens, params, prompt_logprobs_done, lora_request)
         self.requests[req_id] = state
         return state

@@ -71,8 +71,13 @@ def plan_kv_cache(
     max_model_len: int,
     weight_bytes: int,
     profiled_peak_bytes: int = 0,
+    draft_hf_config: Any = None,
 ) -> KVCachePlan:
+    """``draft_hf_config``: a draft model (speculative decoding) keeps its own KV for
+    the same blocks; its bytes per token are counted too."""
     per_token = kv_bytes_per_token(hf_config, cache_config.kv_cache_dtype)
+    if draft_hf_config is not None:
+        per_token += kv_bytes_per_token(draft_hf_config, cache_config.kv_cache_dtype)
     per_block = per_token * cache_config.block_size
     if cache_config.kv_cache_memory is not None:
         budget = int(cache_config.kv_cache_memory)

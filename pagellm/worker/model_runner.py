@@ -27,6 +27,7 @@ from pagellm.core.sched_output import (
 )
 from pagellm.layers import native
 from pagellm.layers.attention import (
+    AttentionBackend,
     AttentionMetadata,
     LayerKVCache,
     get_attention_backend,
@@ -36,6 +37,7 @@ from pagellm.lora.layers import Group, LoRAManager, set_lora_groups
 from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
+from pagellm.worker.draft_model import DraftModel
 from pagellm.worker.input_batch import InputBatch, RowState
 from pagellm.worker.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
 
@@ -98,6 +100,12 @@ class ModelRunner:
         )
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
+        self.drafter: DraftModel | None = None
+        spec = config.speculative
+        if spec is not None and spec.method == "draft_model":
+            assert spec.draft is not None
+            self.drafter = DraftModel(self, spec.draft)
+            self.weight_bytes += self.drafter.weight_bytes
         self.lora_manager: LoRAManager | None = None
         if config.lora is not None:
             lc = config.lora
@@ -121,10 +129,17 @@ class ModelRunner:
         if self.device.type == "cuda":
             peak = self._profile_peak_memory()
         kv_dtype = self.config.cache.kv_cache_dtype
+        draft_config = self.drafter.hf_config if self.drafter is not None else None
         self.plan = plan_kv_cache(
             mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
+            draft_config,
         )  # fmt: skip
         self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
+        if self.drafter is not None:
+            # The draft's own paged KV: as many blocks, addressed by the same block ids.
+            self.drafter.bind_kv_cache(
+                allocate_kv_cache(self.plan, draft_config, kv_dtype, self.device)
+            )
         return self.plan
 
     def _bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
@@ -146,7 +161,7 @@ class ModelRunner:
         )
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        meta = self._build_metadata(
+        meta = self.build_metadata(
             np.array([0, n]), np.array([n]), np.arange(nblk, dtype=np.int32)[None, :],
             np.arange(n, dtype=np.int64),
         )  # fmt: skip
@@ -192,6 +207,8 @@ class ModelRunner:
             )  # fmt: skip
         for cached in sched.scheduled_cached_reqs:
             row = batch.requests[cached.req_id].row
+            if cached.num_blocks_kept is not None:
+                batch.num_blocks[row] = min(int(batch.num_blocks[row]), cached.num_blocks_kept)
             for idx, block in cached.replaced_blocks:
                 batch.block_table[row, idx] = block
             if cached.new_block_ids:
@@ -202,14 +219,16 @@ class ModelRunner:
 
     # ---- the step ---------------------------------------------------------------------
 
-    def _build_metadata(
+    def build_metadata(
         self,
         query_start_loc: np.ndarray,
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
         slot_mapping: np.ndarray,
+        backend: AttentionBackend | None = None,
     ) -> AttentionMetadata:
         dev = self.device
+        backend = backend or self.attn_backend
         q_lens = np.diff(query_start_loc)
         meta = AttentionMetadata(
             num_tokens=int(query_start_loc[-1]),
@@ -223,9 +242,9 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
-            backend=self.attn_backend,
+            backend=backend,
         )
-        meta.backend_data = self.attn_backend.prepare(meta)
+        meta.backend_data = backend.prepare(meta)
         return meta
 
     @torch.inference_mode()
@@ -241,6 +260,16 @@ class ModelRunner:
         bs = self.block_size
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=B)
         q_lens = np.fromiter(sched.num_scheduled_tokens.values(), dtype=np.int64, count=B)
+        spec_map = sched.scheduled_spec_tokens
+        spec_lens = np.zeros(B, dtype=np.int64)
+        for i, s in enumerate(states):
+            spec = spec_map.get(s.req_id)
+            if spec:
+                # Proposals sit past the request's tokens for this step only (scratch: the
+                # accepted ones come back from the scheduler as the request's own).
+                n = int(batch.num_tokens[s.row])
+                batch.token_ids[s.row, n : n + len(spec)] = spec
+                spec_lens[i] = len(spec)
         qsl = np.zeros(B + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
         T = int(qsl[-1])
@@ -255,12 +284,15 @@ class ModelRunner:
         slot_mapping = (
             block_tables[batch_row, positions // bs].astype(np.int64) * bs + positions % bs
         )
-        meta = self._build_metadata(qsl, seq_lens, block_tables, slot_mapping)
+        meta = self.build_metadata(qsl, seq_lens, block_tables, slot_mapping)
 
-        # Rows whose logits we need: the sampling rows, then prompt-logprob rows.
+        # Rows whose logits we need: the sampling rows (1 + its proposals per request),
+        # then prompt-logprob rows.
         num_tokens = batch.num_tokens[rows]
-        sample_req_idx = np.nonzero(seq_lens == num_tokens)[0].tolist()
-        logits_rows = [int(qsl[i + 1] - 1) for i in sample_req_idx]
+        sample_req_idx = np.nonzero(seq_lens - spec_lens == num_tokens)[0].tolist()
+        logits_rows = [
+            r for i in sample_req_idx for r in range(int(qsl[i + 1] - 1 - spec_lens[i]), int(qsl[i + 1]))
+        ]  # fmt: skip
         prompt_lp_spans: list[tuple[int, int, int, int]] = []  # (req idx, first row, n, first pos)
         for i, s in enumerate(states):
             if s.sampling_params.prompt_logprobs is None or s.prompt_logprobs_done:
@@ -285,32 +317,41 @@ class ModelRunner:
             hidden = self.model(
                 torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
             )
+        draft_out: dict[str, list[int]] = {}
         sampled_lists: list[list[int]] = [[] for _ in range(B)]
-        logprobs_out: list[TokenLogprobs | None] | None = None
+        logprobs_out: list[list[TokenLogprobs] | None] | None = None
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         if logits_rows:
             lrows = torch.as_tensor(logits_rows, device=dev)
             logits = self.model.compute_logits(hidden.index_select(0, lrows))  # type: ignore[operator]
-            n_sample = len(sample_req_idx)
-            if n_sample:
-                sample_states = [states[i] for i in sample_req_idx]
-                smeta = self._sampling_metadata(sample_states, rows[sample_req_idx])
+            sample_states = [states[i] for i in sample_req_idx]
+            drafts = [spec_map.get(s.req_id, []) for s in sample_states]
+            n_rows = len(sample_states) + sum(len(d) for d in drafts)
+            if sample_states:
+                smeta = self._sampling_metadata(sample_states, drafts)
                 if sched.structured_req_ids:
-                    position = {states[i].req_id: j for j, i in enumerate(sample_req_idx)}
+                    first = {}
+                    r = 0
+                    for st, d in zip(sample_states, drafts):
+                        first[st.req_id] = r
+                        r += len(d) + 1
                     assert sched.structured_bitmask is not None
                     smeta.token_bitmask = torch.from_numpy(sched.structured_bitmask).to(dev)
                     smeta.bitmask_rows = torch.tensor(
-                        [position[r] for r in sched.structured_req_ids], device=dev
-                    )
-                out = self.sampler(logits[:n_sample], smeta)
-                tokens = out.sampled.tolist()
+                        [first[r] + j for r in sched.structured_req_ids
+                         for j in range(len(spec_map.get(r, ())) + 1)], device=dev,
+                    )  # fmt: skip
+                if spec_map:
+                    out, token_lists = self.sampler.verify(logits[:n_rows], smeta, drafts)
+                else:
+                    out = self.sampler(logits[:n_rows], smeta)
+                    token_lists = [[t] for t in out.sampled.tolist()]
+                row_of = []  # the first sampler row of each sampling request
+                r = 0
                 for j, i in enumerate(sample_req_idx):
-                    sampled_lists[i] = [tokens[j]]
-                    if not states[i].sampling_params.use_beam_search:
-                        # Beam search tokens are chosen by the engine and sent back.
-                        row = states[i].row
-                        batch.token_ids[row, batch.num_tokens[row]] = tokens[j]
-                        batch.num_tokens[row] += 1
+                    sampled_lists[i] = token_lists[j]
+                    row_of.append(r)
+                    r += len(drafts[j]) + 1
                 if out.logprobs is not None:
                     logprobs_out = [None] * B
                     ids = out.logprob_token_ids.tolist()  # type: ignore[union-attr]
@@ -320,13 +361,23 @@ class ModelRunner:
                         k = states[i].sampling_params.logprobs
                         if k is None:
                             continue
-                        logprobs_out[i] = TokenLogprobs(
-                            token_ids=ids[j][: k + 1],
-                            logprobs=lps[j][: k + 1],
-                            ranks=[ranks[j], *range(1, k + 1)],
-                        )
+                        logprobs_out[i] = [
+                            TokenLogprobs(
+                                token_ids=ids[r][: k + 1],
+                                logprobs=lps[r][: k + 1],
+                                ranks=[ranks[r], *range(1, k + 1)],
+                            )
+                            for r in range(row_of[j], row_of[j] + len(token_lists[j]))
+                        ]
+                if self.drafter is not None:
+                    draft_out = self.drafter.propose(
+                        batch, [(states[i], sampled_lists[i], int(spec_lens[i]))
+                                for i in sample_req_idx], sched.draft_propose,
+                    )  # fmt: skip
+            logits = logits[n_rows:]
             for i, first_row, n, first_pos in prompt_lp_spans:
                 s = states[i]
+                first_row -= n_rows
                 targets = batch.tokens(s.row, first_pos + 1, first_pos + 1 + n)
                 prompt_logprobs[s.req_id] = self._logprobs_of(
                     logits[first_row : first_row + n],
@@ -339,6 +390,7 @@ class ModelRunner:
             sampled_token_ids=sampled_lists,
             logprobs=logprobs_out,
             prompt_logprobs=prompt_logprobs,
+            draft_token_ids=draft_out,
         )
 
     def _lora_groups(
@@ -388,11 +440,21 @@ class ModelRunner:
             for j, t in enumerate(targets)
         ]
 
-    def _sampling_metadata(self, states: list[RowState], rows: np.ndarray) -> SamplingMetadata:
+    def _sampling_metadata(
+        self, states: list[RowState], drafts: list[list[int]]
+    ) -> SamplingMetadata:
         """Tensors gathered from the batch's per-row arrays; the rare per-request parts
-        (seeds, logit bias, penalties' token counts, min_tokens) from the row states."""
+        (seeds, logit bias, penalties' token counts, min_tokens) from the row states.
+
+        A request verifying proposals gets 1 + len(drafts) rows: row j as if drafts[:j]
+        had been generated (its penalties count them, its seed and min_tokens step past
+        them), so each row's distribution is the one ordinary decoding would sample."""
         dev = self.device
         b = self.batch
+        counts = np.fromiter((len(d) + 1 for d in drafts), dtype=np.int64, count=len(drafts))
+        rows = np.repeat(np.fromiter((s.row for s in states), dtype=np.int64), counts)
+        # (state, offset j) per sampler row.
+        vrows = [(s, j) for s, d in zip(states, drafts) for j in range(len(d) + 1)]
         temp = b.temperature[rows]
         all_greedy = bool((temp == 0).all())
         meta = SamplingMetadata(temperature=torch.from_numpy(temp).to(dev), all_greedy=all_greedy)
@@ -406,29 +468,32 @@ class ModelRunner:
             min_p = b.min_p[rows]
             if (min_p > 0).any():
                 meta.min_p = torch.from_numpy(min_p).to(dev)
-            for j, s in enumerate(states):
+            for v, (s, j) in enumerate(vrows):
                 p = s.sampling_params
                 if p.seed is not None and p.temperature > 0:
-                    step = int(b.num_tokens[s.row]) - s.num_prompt_tokens
-                    meta.generators[j] = seeded_generator(p.seed, step, dev)
+                    step = int(b.num_tokens[s.row]) - s.num_prompt_tokens + j
+                    meta.generators[v] = seeded_generator(p.seed, step, dev)
         pres, freq, rep = b.presence[rows], b.frequency[rows], b.repetition[rows]
         if (pres != 0).any() or (freq != 0).any() or (rep != 1).any():
             meta.presence_penalty = torch.from_numpy(pres).to(dev)
             meta.frequency_penalty = torch.from_numpy(freq).to(dev)
             meta.repetition_penalty = torch.from_numpy(rep).to(dev)
-            meta.prompt_token_ids = [b.tokens(s.row, 0, s.num_prompt_tokens) for s in states]
-            meta.output_token_ids = [b.tokens(s.row, s.num_prompt_tokens) for s in states]
+            meta.prompt_token_ids = [b.tokens(s.row, 0, s.num_prompt_tokens) for s, _ in vrows]
+            # Proposals lie past num_tokens in the row (see execute_model).
+            meta.output_token_ids = [
+                b.tokens(s.row, s.num_prompt_tokens, int(b.num_tokens[s.row]) + j) for s, j in vrows
+            ]  # fmt: skip
         asked: list[int] = []
-        for j, s in enumerate(states):
+        for v, (s, j) in enumerate(vrows):
             p = s.sampling_params
             if p.logit_bias:
                 if meta.logit_bias is None:
-                    meta.logit_bias = [None] * len(states)
-                meta.logit_bias[j] = p.logit_bias
-            generated = int(b.num_tokens[s.row]) - s.num_prompt_tokens
+                    meta.logit_bias = [None] * len(vrows)
+                meta.logit_bias[v] = p.logit_bias
+            generated = int(b.num_tokens[s.row]) - s.num_prompt_tokens + j
             if p.min_tokens and p.all_stop_token_ids and generated < p.min_tokens:
-                meta.min_tokens_blocked.append((j, sorted(p.all_stop_token_ids)))
-            if p.logprobs is not None:
+                meta.min_tokens_blocked.append((v, sorted(p.all_stop_token_ids)))
+            if p.logprobs is not None and j == 0:
                 asked.append(p.logprobs)
         meta.max_num_logprobs = max(asked) if asked else None
         return meta

@@ -83,6 +83,8 @@ class SamplingFields(OpenAIModel):
     structured_outputs: dict[str, Any] | None = None
     priority: int = 0
     """With --scheduling-policy priority: lower values are served first (vLLM's field)."""
+    num_speculative_tokens: int | None = None
+    """Speculative decoding for this request: 0 turns it off, k caps its proposals."""
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, kind: RequestOutputKind
@@ -128,6 +130,7 @@ class SamplingFields(OpenAIModel):
             logit_bias=bias,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            num_speculative_tokens=self.num_speculative_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             output_kind=kind,
             structured_outputs=self.structured(),
