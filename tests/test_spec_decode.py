@@ -74,6 +74,13 @@ def test_ngram_greedy_equals_ordinary_decoding(ngram_llm: LLM, smol_llm_default:
                         assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-4)
         if sp.num_speculative_tokens == 0:
             assert all(o.metrics.spec_num_draft_tokens == 0 for o in out)
+    # Speculating and ordinary requests in one batch.
+    mixed = [
+        SamplingParams(temperature=0, max_tokens=48, num_speculative_tokens=n) for n in (4, 0, 1)
+    ]
+    out = ngram_llm.generate(prompts, mixed, use_tqdm=False)
+    assert tokens(out) == tokens(smol_llm_default.generate(prompts, mixed, use_tqdm=False))
+    assert out[1].metrics.spec_num_draft_tokens == 0 < out[0].metrics.spec_num_draft_tokens
     ref = smol_llm_default.chat(chats, SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
     out = ngram_llm.chat(chats, SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
     assert tokens(out) == tokens(ref)
