@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "LoRARequest", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "LoRARequest", "PoolingParams", "RequestOutput", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from pagellm.entrypoints.llm import LLM
     from pagellm.lora.request import LoRARequest
     from pagellm.outputs import RequestOutput
-    from pagellm.sampling_params import SamplingParams
+    from pagellm.sampling_params import PoolingParams, SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -29,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from pagellm.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "PoolingParams":
+        from pagellm.sampling_params import PoolingParams
+
+        return PoolingParams
     if name == "RequestOutput":
         from pagellm.outputs import RequestOutput
 

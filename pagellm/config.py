@@ -68,6 +68,8 @@ class ModelConfig:
     """A chat template that overrides the tokenizer's own (Jinja text)."""
     quantization: QuantConfig = field(default_factory=QuantConfig)
     """How the weights are stored and multiplied."""
+    pooling: str = "last"
+    """Embeddings: last (the last token's final hidden state) or mean (over the prompt)."""
 
     @property
     def is_gguf(self) -> bool:
@@ -104,6 +106,9 @@ class SchedulerConfig:
     """Copy of ModelConfig.max_model_len (the scheduler imports nothing from models)."""
     policy: str = "fcfs"
     """fcfs (arrival order) or priority (lowest ``priority`` value first, then arrival)."""
+    sliding_window: int | None = None
+    """Set when every attention layer slides (the largest window): blocks behind the
+    window are freed as a request advances. None: some layer sees the whole context."""
 
 
 @dataclass(frozen=True)

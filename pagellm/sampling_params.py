@@ -32,6 +32,30 @@ class RequestOutputKind(enum.Enum):
 
 @strict_kwargs
 @dataclass
+class PoolingParams:
+    """An embedding request's options."""
+
+    dimensions: int | None = None
+    """Keep the first ``dimensions`` values (Matryoshka-style), then normalize."""
+    normalize: bool = True
+    """Scale the vector to unit L2 norm."""
+    pooling_type: str = "last"
+    """last (the last prompt token's hidden state) or mean (over the prompt); set by the
+    engine from its --pooling."""
+
+    def __post_init__(self) -> None:
+        if self.dimensions is not None and (
+            not isinstance(self.dimensions, int)
+            or isinstance(self.dimensions, bool)
+            or self.dimensions < 1
+        ):
+            raise ValueError(f"dimensions must be a positive integer, got {self.dimensions!r}")
+        if self.pooling_type not in ("last", "mean"):
+            raise ValueError(f"pooling must be last or mean, got {self.pooling_type!r}")
+
+
+@strict_kwargs
+@dataclass
 class SamplingParams:
     n: int = 1
     """Number of completions to return for the prompt."""
@@ -91,6 +115,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     """Constrain the output: a JSON schema, any JSON object, a regex, a choice of strings or
     a grammar (see pagellm.core.structured_output); a dict is read as its fields."""
+    pooling: PoolingParams | None = None
+    """Set for an embedding request (LLM.embed, /v1/embeddings): the prompt's hidden
+    states are pooled into one vector and nothing is generated."""
     num_speculative_tokens: int | None = None
     """Speculative decoding for this request: None follows the engine's
     speculative_config, 0 turns it off, k > 0 proposes at most k tokens per step (never

@@ -13,6 +13,12 @@ Contract with the scheduler:
   are queued in ``pending_copies`` and travel to the worker in the next SchedulerOutput.
 
 Block i of a request holds token positions [i * block_size, (i + 1) * block_size).
+
+Sliding-window models whose every layer slides (``free_outside_window``): a block wholly
+before the window of the next token to compute is freed at once and its place in the
+request's list is taken by ``SLID_OUT`` (never read again: attention skips it), so a
+long generation holds a bounded number of blocks. A freed block that was full stays in
+the prefix cache like any other.
 """
 
 from __future__ import annotations
@@ -23,6 +29,13 @@ from dataclasses import dataclass
 from pagellm.core.block_pool import BlockPool, KVBlock, hash_block_tokens
 from pagellm.core.request import Request
 from pagellm.utils import cdiv
+
+SLID_OUT = KVBlock(block_id=0, ref_cnt=-1)
+"""Stands for a block freed behind a sliding window (not part of the pool)."""
+
+
+def _held(blocks: Sequence[KVBlock]) -> list[KVBlock]:
+    return [b for b in blocks if b is not SLID_OUT]
 
 
 @dataclass
@@ -44,6 +57,8 @@ class KVCacheManager:
         # that a step looks only at the blocks filled since (not the whole list).
         self.num_cached_blocks: dict[str, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
+        # Leading blocks of each request freed behind a sliding window.
+        self.num_slid_out: dict[str, int] = {}
         # (index in the block table, new block id) of the last allocate_slots' copies.
         self.last_replaced: list[tuple[int, int]] = []
         self.prefix_stats = PrefixCacheStats()
@@ -71,8 +86,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Cached blocks matching the request's leading tokens, and how many tokens they hold."""
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
-            # Prompt logprobs need logits at every prompt position: nothing may be skipped.
+        if not self.enable_caching or request.needs_every_position:
+            # Prompt logprobs (mean pooling) need every prompt position: none is skipped.
             return [], 0
         self._update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -179,16 +194,36 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
-        self.pool.free(reversed(blocks))
+        self.num_slid_out.pop(request.req_id, None)
+        self.pool.free(reversed(_held(blocks)))
         request.block_ids = []
+
+    def free_outside_window(self, request: Request, window: int) -> int:
+        """Free the request's blocks that no token from its next one on can see (every
+        layer attends to the last ``window`` positions only); returns how many."""
+        blocks = self.req_to_blocks.get(request.req_id)
+        if not blocks:
+            return 0
+        first_visible = request.num_computed_tokens + 1 - window
+        end = min(max(first_visible, 0) // self.block_size, len(blocks))
+        start = self.num_slid_out.get(request.req_id, 0)
+        if end <= start:
+            return 0
+        gone = blocks[start:end]
+        blocks[start:end] = [SLID_OUT] * (end - start)
+        self.pool.free(reversed(_held(gone)))
+        self.num_slid_out[request.req_id] = end
+        return len(_held(gone))
 
     def fork(self, parent: Request, child: Request) -> None:
         """Share every block of the parent (partial last block included) with the child."""
         blocks = self.req_to_blocks.get(parent.req_id, [])
         assert child.req_id not in self.req_to_blocks or not self.req_to_blocks[child.req_id]
-        self.pool.touch(blocks)
+        self.pool.touch(_held(blocks))
         self.req_to_blocks[child.req_id] = list(blocks)
         self.num_cached_blocks[child.req_id] = self.num_cached_blocks.get(parent.req_id, 0)
+        if parent.req_id in self.num_slid_out:
+            self.num_slid_out[child.req_id] = self.num_slid_out[parent.req_id]
         child.block_ids = [b.block_id for b in blocks]
         child.block_hashes = list(parent.block_hashes)
 

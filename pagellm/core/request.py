@@ -101,6 +101,15 @@ class Request:
         return self.num_tokens - 1 if self.pending_forks else self.num_tokens
 
     @property
+    def needs_every_position(self) -> bool:
+        """Whether every prompt position must be computed (no prefix-cache hits): prompt
+        logprobs, or an embedding pooled over the whole prompt."""
+        p = self.sampling_params
+        return p.prompt_logprobs is not None or (
+            p.pooling is not None and p.pooling.pooling_type == "mean"
+        )
+
+    @property
     def lora_id(self) -> int:
         """The adapter's id; 0 for the base model."""
         return self.lora_request.lora_int_id if self.lora_request is not None else 0

@@ -99,6 +99,8 @@ class ModelRunnerOutput:
     """Per request: logprobs of the prompt tokens covered by this step's chunk."""
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     """A draft model's proposals for the next step (SchedulerOutput.draft_propose)."""
+    pooled: dict[str, list[float]] = field(default_factory=dict)
+    """Embedding requests whose prompt was completed this step: their pooled vector."""
 
 
 @dataclass
@@ -122,6 +124,8 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    pooled: list[float] | None = None
+    """An embedding request's vector (with finish_reason set)."""
     spec_num_draft_tokens: int = 0
     """Speculative decoding: proposals verified this step, and how many were accepted."""
     spec_num_accepted_tokens: int = 0

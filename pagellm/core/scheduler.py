@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from pagellm.core.kv_cache_manager import KVCacheManager
+from pagellm.core.kv_cache_manager import SLID_OUT, KVCacheManager
 from pagellm.core.ngram_proposer import propose_ngram
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
@@ -289,6 +289,8 @@ class Scheduler:
                 spec = self._spec_to_verify(request, budget - 1, spec_masks)
                 num_new += len(spec)
             lookahead = self._draft_lookahead(request, num_new, spec_on)
+            if self.config.sliding_window:
+                self.kv.free_outside_window(request, self.config.sliding_window)
             new_block_ids = self.kv.allocate_slots(request, num_new, num_lookahead=lookahead)
             while new_block_ids is None:
                 victim = self._pick_victim(i)
@@ -411,7 +413,7 @@ class Scheduler:
 
     def _spec_k(self, request: Request) -> int:
         """Most tokens to propose for a request (0: it does not speculate)."""
-        if self.spec is None or request.external_tokens:
+        if self.spec is None or request.external_tokens or request.sampling_params.pooling:
             return 0
         want = request.sampling_params.num_speculative_tokens
         k = self.spec.num_speculative_tokens
@@ -509,6 +511,19 @@ class Scheduler:
             if request is None or request.is_finished:
                 continue  # aborted while the step ran
             new_ids = result.sampled_token_ids[idx]
+            vector = result.pooled.get(req_id)
+            if vector is not None:  # an embedding: its prompt is done, nothing is generated
+                request.status = RequestStatus.FINISHED_STOPPED
+                self.running.remove(request)
+                self._free_request(request)
+                outputs.append(
+                    EngineCoreOutput(
+                        req_id=req_id, new_token_ids=[], finish_reason="stop", pooled=vector,
+                        num_cached_tokens=max(request.num_cached_tokens, 0),
+                        first_scheduled_time=request.first_scheduled_time,
+                    )
+                )  # fmt: skip
+                continue
             if request.external_tokens:
                 # Beam search: report the candidates; the group appends the chosen token.
                 lp = result.logprobs[idx] if result.logprobs is not None else None
@@ -585,7 +600,7 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (tests)."""
         self.kv.pool.check()
-        held = sum(len(b) for b in self.kv.req_to_blocks.values())
+        held = sum(sum(1 for x in b if x is not SLID_OUT) for b in self.kv.req_to_blocks.values())
         refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
         assert held == refs, (held, refs)
         for r in self.running:

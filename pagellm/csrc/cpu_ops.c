@@ -434,16 +434,25 @@ static inline __attribute__((always_inline)) void attention_item(
     const float* v_scale, const int32_t* block_tables, int64_t max_blocks, const int32_t* seq_lens,
     const int32_t* query_start_loc, const int32_t* token_to_seq, float* out, int64_t t,
     int64_t kh, int64_t g_first, int64_t G, int64_t Hq, int64_t Hkv, int64_t D,
-    int64_t block_size, float scale, float* scores, int kvt) {
+    int64_t block_size, float scale, float* scores, int kvt, int64_t window, float softcap) {
     const int64_t group = Hq / Hkv;
     const int64_t row = Hkv * D; /* elements per cache row (one token) */
     int64_t s = token_to_seq[t];
     int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
     int64_t pos = seq_lens[s] - qlen + (t - query_start_loc[s]);
-    int64_t ctx = pos + 1;
-    const int32_t* bt = block_tables + s * max_blocks;
+    /* Visible keys: [lo, pos] (lo = pos + 1 - window with a sliding window). Blocks wholly
+     * before lo are never read (the scheduler may have freed them); the keys of lo's own
+     * block before lo are computed and masked. */
+    int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+    int64_t first = lo / block_size, base = first * block_size;
+    int64_t ctx = pos + 1 - base;
+    const int32_t* bt = block_tables + s * max_blocks + first;
     const float* qs = q + t * ldq + (kh * group + g_first) * D;
     attn_scores(qs, G, D, k_cache, k_scale, bt, block_size, row, Hkv, kh, ctx, scale, scores, kvt);
+    if (softcap > 0.0f)
+        for (int64_t j = 0; j < G * ctx; j++) scores[j] = softcap * tanhf(scores[j] / softcap);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < lo - base; j++) scores[g * ctx + j] = -INFINITY;
     softmax_rows(scores, G, ctx);
     if (kvt == KV_I8) {
         for (int64_t b = 0, j0 = 0; j0 < ctx; b++, j0 += block_size) {
@@ -463,6 +472,8 @@ static inline __attribute__((always_inline)) void attention_item(
 }
 
 /* Paged attention for a flattened batch of prefill chunks and decode tokens.
+ * window > 0: each token sees its last `window` positions (itself included); softcap > 0:
+ * scores become softcap * tanh(score / softcap) before the softmax.
  * One work item is (token, kv head): the G = Hq / Hkv query heads of the group read each
  * K and V row once (per 32-channel slice). Exact two-pass softmax over the token's whole
  * visible context. Requires head_dim % 32 == 0 (checked by the caller). */
@@ -472,7 +483,7 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
                              const int32_t* seq_lens, const int32_t* query_start_loc,
                              const int32_t* token_to_seq, float* out, int64_t T, int64_t Hq,
                              int64_t Hkv, int64_t D, int64_t block_size, int64_t max_seq_len,
-                             float scale, int kvt, int nthreads) {
+                             float scale, int kvt, int64_t window, float softcap, int nthreads) {
     const int64_t group = Hq / Hkv;
     /* Whole GQA groups share each K/V row; split them only when a decode batch has fewer
      * (token, KV head) items than twice the threads. */
@@ -488,7 +499,7 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
 #define ITEM(KVT)                                                                              \
     attention_item(q, ldq, k_cache, v_cache, k_scale, v_scale, block_tables, max_blocks,       \
                    seq_lens, query_start_loc, token_to_seq, out, t, kh, g_first, G, Hq, Hkv, D, \
-                   block_size, scale, scores, KVT)
+                   block_size, scale, scores, KVT, window, softcap)
             switch (kvt) {
                 case KV_BF16: ITEM(KV_BF16); break;
                 case KV_FP8: ITEM(KV_FP8); break;

@@ -42,7 +42,7 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
                              const int32_t* seq_lens, const int32_t* query_start_loc,
                              const int32_t* token_to_seq, float* out, int64_t T, int64_t Hq,
                              int64_t Hkv, int64_t D, int64_t block_size, int64_t max_seq_len,
-                             float scale, int kvt, int nthreads);
+                             float scale, int kvt, int64_t window, float softcap, int nthreads);
 
 typedef struct pagellm_qweight pagellm_qweight;
 void pagellm_qlinear_f32(const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
@@ -76,6 +76,9 @@ typedef struct {
     void* v_cache;
     float* k_scale;
     float* v_scale;
+    int64_t window; /* sliding window (0: full attention) */
+    float softcap;  /* attention logit soft-cap (0: none) */
+    int32_t pad_;
 } pagellm_layer_desc;
 
 typedef struct {
@@ -179,7 +182,7 @@ void pagellm_llama_stack(const pagellm_stack_desc* s, float* hidden, const int64
         pagellm_paged_attention(qkv, W, L->k_cache, L->v_cache, L->k_scale, L->v_scale,
                                 block_tables, max_blocks, seq_lens, query_start_loc, token_to_seq,
                                 att, T, Hq, Hkv, D, s->block_size, max_seq_len, s->attn_scale,
-                                s->kvt, nthreads);
+                                s->kvt, L->window, L->softcap, nthreads);
         linear(&L->o, att, Q, T, x, H, gather, tmp, nthreads);
         lora(s, l, 1, att, x, Q, H, nthreads);
         pagellm_rms_norm_f32(x, res, L->post_norm, x, T, H, s->eps, nthreads);

@@ -47,6 +47,16 @@ _DTYPE_ALIASES = {
 }
 
 
+def _all_layers_window(hf_config: Any, arch: str) -> int | None:
+    """The largest sliding window when every attention layer has one, else None."""
+    from pagellm.models.registry import attention_windows
+
+    windows = attention_windows(hf_config, arch)
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(w for w in windows if w is not None)
+
+
 @strict_kwargs
 @dataclass
 class EngineArgs:
@@ -110,6 +120,9 @@ class EngineArgs:
     """Largest adapter rank accepted."""
     max_cpu_loras: int | None = None
     """Adapters kept loaded in host memory (LRU); default: max_loras."""
+    pooling: str = "last"
+    """Embeddings (LLM.embed, /v1/embeddings): last or mean pooling of the final hidden
+    states, normalized."""
     speculative_config: dict[str, Any] | str | None = None
     """Speculative decoding, vLLM's keys (a dict or its JSON text): {"method": "ngram",
     "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b} or
@@ -200,13 +213,6 @@ class EngineArgs:
             self.quantization, model_path, hf_config, self.quantization_group_size
         )
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048))
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True) and window < model_max:
-            # pagellm attends over the full context; capping at the window keeps it exact.
-            logger.warning(
-                "model uses sliding-window attention; max_model_len capped at %d", window
-            )
-            model_max = int(window)
         if self.max_model_len is None:
             max_model_len = model_max
         elif self.max_model_len > model_max:
@@ -250,6 +256,7 @@ class EngineArgs:
             eos_token_ids=eos_token_ids(model_path, hf_config),
             chat_template=chat_template,
             quantization=quant,
+            pooling=self.pooling,
         )
         kv_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
         return EngineConfig(
@@ -267,6 +274,7 @@ class EngineArgs:
                 max_num_batched_tokens=budget,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,
+                sliding_window=_all_layers_window(hf_config, arch),
             ),
             device=DeviceConfig(
                 device=device,
@@ -341,6 +349,13 @@ class EngineArgs:
         path = spec.get("model")
         if not path:
             raise ValueError("speculative_config: method draft_model needs a model path")
+        if _all_layers_window(target.hf_config, target.architecture):
+            # Blocks behind the target's window are freed, and a draft reads and writes
+            # its own KV through the same block table.
+            raise ValueError(
+                "speculative_config: draft_model is not supported with a target whose every "
+                "layer has a sliding window (its blocks behind the window are freed); use ngram"
+            )
         return SpeculativeConfig(
             "draft_model", k, draft=self._draft_model_config(str(path), spec, target),
             disable_by_batch_size=disable,
@@ -432,6 +447,8 @@ class EngineArgs:
             help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
             '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": PATH, '
             '"num_speculative_tokens": 3}\'')  # fmt: skip
+        add("--pooling", default="last", choices=("last", "mean"),
+            help="embeddings: pool the final hidden states of the last token or the mean")  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")
 
     @classmethod

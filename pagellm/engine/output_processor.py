@@ -89,6 +89,7 @@ class RequestState:
     sent_logprobs: int = 0
     sent_prompt_logprobs: bool = False
     beam_results: list[BeamResult] | None = None
+    embedding: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -247,6 +248,8 @@ class OutputProcessor:
                     state.logprobs.append(self._to_logprob_dict(lp))
                     if state.cumulative_logprob is not None:
                         state.cumulative_logprob += lp.logprobs[0]
+            if co.pooled is not None:
+                state.embedding = co.pooled
             if co.beam_results is not None:
                 # A beam search reports once, at the end, with every returned sequence.
                 state.beam_results = co.beam_results
@@ -412,6 +415,7 @@ class OutputProcessor:
             prompt_logprobs=prompt_logprobs,
             metrics=metrics,
             num_cached_tokens=state.num_cached_tokens,
+            embedding=state.embedding,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -11,8 +12,8 @@ from tqdm import tqdm
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.llm_engine import LLMEngine
 from pagellm.lora.request import LoRARequest
-from pagellm.outputs import RequestOutput
-from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagellm.sampling_params import PoolingParams, RequestOutputKind, SamplingParams
 
 Prompt = str | Sequence[int] | dict[str, Any]
 
@@ -29,6 +30,32 @@ class LLM:
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One normalized vector per prompt: the final hidden states pooled as the
+        engine's ``pooling`` says (last token or mean), optionally cut to
+        ``pooling_params.dimensions``."""
+        pp = pooling_params or PoolingParams()
+        pp = dataclasses.replace(pp, pooling_type=self.engine.config.model.pooling)
+        hidden = int(self.engine.config.model.hf_config.hidden_size)
+        if pp.dimensions is not None and pp.dimensions > hidden:
+            raise ValueError(
+                f"dimensions must be at most the model's {hidden}, got {pp.dimensions}"
+            )
+        params = SamplingParams(max_tokens=1, temperature=0.0, pooling=pp)
+        outs = self._run(_as_batch(prompts), params, use_tqdm, True, lora_request)
+        return [
+            EmbeddingRequestOutput(
+                o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding or []), o.finished
+            )
+            for o in outs
+        ]
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -16,6 +16,12 @@ Every backend first writes the step's K/V into the cache, then attends through t
 block tables, so all layers see the same cache whatever mix of prefill and decode
 (or prefix-cache hits) the step holds.
 
+Each attention layer declares its kind in an ``AttentionSpec`` fixed at construction:
+full, a sliding window of W positions (a token sees itself and the W - 1 before it), and
+optionally a logit soft-cap (scores become cap * tanh(score / cap)). Backends apply the
+layer's spec; they never read keys wholly outside a window, whose blocks the scheduler
+may already have freed.
+
 The cache may be stored in a narrower type than the run dtype (``--kv-cache-dtype``):
 bfloat16 / float16, fp8 e4m3 (values saturated at +-448, no scale, as vLLM's default),
 or int8 codes with a float scale per (token, KV head). Backends read it in place.
@@ -56,6 +62,22 @@ class AttentionMetadata:
     backend_data: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What kind of attention a layer computes (its constants, fixed at construction)."""
+
+    sliding_window: int | None = None
+    """Positions a token attends to, itself included; None: all before it."""
+    logit_softcap: float | None = None
+    """Scores become cap * tanh(score / cap) before the softmax; None: unchanged."""
+
+    @property
+    def is_full(self) -> bool:
+        return self.sliding_window is None
+
+
+FULL_ATTENTION = AttentionSpec()
 
 KV_CACHE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -179,8 +201,10 @@ class AttentionBackend(abc.ABC):
         num_kv_heads: int,
         head_dim: int,
         scale: float,
+        spec: AttentionSpec = FULL_ATTENTION,
     ) -> torch.Tensor:
-        """q[T, Hq*D], k/v[T, Hkv*D] (rows may be strided) -> out[T, Hq*D]."""
+        """q[T, Hq*D], k/v[T, Hkv*D] (rows may be strided) -> out[T, Hq*D], as the layer's
+        spec says (window, soft-cap)."""
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
@@ -225,6 +249,7 @@ class _TorchStepData:
     decode_rows: torch.Tensor | None  # batch rows of single-token sequences
     decode_tables: torch.Tensor | None  # [Bd, nblk] their block tables, trimmed
     decode_pad: torch.Tensor | None  # [Bd, nblk * bs] True past each sequence's end
+    decode_lens: torch.Tensor | None  # [Bd] their lengths
     prefills: list[tuple[int, int, int, torch.Tensor, torch.Tensor]]
     # (row start, row end, seq_len, block ids, bool mask [q_len, seq_len])
 
@@ -257,7 +282,7 @@ class TorchAttentionBackend(AttentionBackend):
         dev = meta.block_tables.device
         bs = meta.block_size
         dec = np.nonzero(q_lens == 1)[0]
-        decode_rows = decode_tables = decode_pad = None
+        decode_rows = decode_tables = decode_pad = decode_lens = None
         if len(dec):
             max_len = int(seq_lens[dec].max())
             nblk = -(-max_len // bs)
@@ -267,6 +292,7 @@ class TorchAttentionBackend(AttentionBackend):
             pos = torch.arange(nblk * bs, device=dev)
             lens = torch.as_tensor(seq_lens[dec], device=dev)
             decode_pad = pos[None, :] >= lens[:, None]
+            decode_lens = lens
         prefills = []
         for s in np.nonzero(q_lens > 1)[0]:
             start, end, seq_len = int(qsl[s]), int(qsl[s + 1]), int(seq_lens[s])
@@ -277,7 +303,7 @@ class TorchAttentionBackend(AttentionBackend):
             rows = torch.arange(q_len, device=dev)[:, None] + ctx
             mask = torch.arange(seq_len, device=dev)[None, :] <= rows
             prefills.append((start, end, seq_len, blocks, mask))
-        return _TorchStepData(decode_rows, decode_tables, decode_pad, prefills)
+        return _TorchStepData(decode_rows, decode_tables, decode_pad, decode_lens, prefills)
 
     def forward(
         self,
@@ -290,9 +316,11 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         scale: float,
+        spec: AttentionSpec = FULL_ATTENTION,
     ) -> torch.Tensor:
         T = q.shape[0]
         Hq, Hkv, D = num_heads, num_kv_heads, head_dim
+        window, cap = spec.sliding_window, spec.logit_softcap
         G = Hq // Hkv
         cache.write(meta.slot_mapping, k.reshape(T, Hkv, D), v.reshape(T, Hkv, D))
         q = q.reshape(T, Hq, D)
@@ -303,6 +331,11 @@ class TorchAttentionBackend(AttentionBackend):
             assert data.decode_tables is not None and data.decode_pad is not None
             Bd, nblk = data.decode_tables.shape
             pad = data.decode_pad
+            if window is not None:
+                # Keys before the window are masked, and zeroed: their blocks may be freed.
+                assert data.decode_lens is not None
+                pos = torch.arange(nblk * bs, device=pad.device)
+                pad = pad | (pos[None, :] < (data.decode_lens - window)[:, None])
             qd = q.index_select(0, data.decode_rows).view(Bd, Hkv, G, D)
             kd, vd = cache.read(data.decode_tables, q.dtype)
             # Rows past a sequence's end hold whatever the block held before: zero them
@@ -312,18 +345,35 @@ class TorchAttentionBackend(AttentionBackend):
             vd = vd.view(Bd, nblk * bs, Hkv, D).masked_fill_(pad[:, :, None, None], 0)
             vd = vd.transpose(1, 2)
             scores = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+            if cap is not None:
+                scores = torch.tanh(scores / cap) * cap
             scores.masked_fill_(pad[:, None, None, :], float("-inf"))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
             out.index_copy_(0, data.decode_rows, torch.matmul(probs, vd).reshape(Bd, Hq, D))
         for start, end, seq_len, blocks, mask in data.prefills:
             kb, vb = cache.read(blocks, q.dtype)
-            kp = kb.view(-1, Hkv, D)[:seq_len].transpose(0, 1)
-            vp = vb.view(-1, Hkv, D)[:seq_len].transpose(0, 1)
+            kp = kb.view(-1, Hkv, D)[:seq_len]
+            vp = vb.view(-1, Hkv, D)[:seq_len]
+            if window is not None:
+                rows = (
+                    torch.arange(end - start, device=mask.device)[:, None] + seq_len - (end - start)
+                )
+                keys = torch.arange(seq_len, device=mask.device)[None, :]
+                mask = mask & (keys > rows - window)
+                # Keys no query of the chunk sees may sit in freed blocks: zero them.
+                unseen = (keys[0] <= seq_len - (end - start) - window)[:, None, None]
+                kp, vp = kp.masked_fill(unseen, 0), vp.masked_fill(unseen, 0)
+            kp, vp = kp.transpose(0, 1), vp.transpose(0, 1)
             qp = q[start:end].transpose(0, 1)
             if G > 1:
                 kp = kp.repeat_interleave(G, dim=0)
                 vp = vp.repeat_interleave(G, dim=0)
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+            if cap is None:
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+            else:
+                s = torch.tanh(torch.matmul(qp, kp.transpose(-1, -2)) * scale / cap) * cap
+                s = s.masked_fill(~mask, float("-inf"))
+                o = torch.matmul(torch.softmax(s.float(), dim=-1).to(qp.dtype), vp)
             out[start:end] = o.transpose(0, 1)
         return out.view(T, Hq * D)
 
@@ -387,6 +437,7 @@ class CpuNativeAttentionBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         scale: float,
+        spec: AttentionSpec = FULL_ATTENTION,
     ) -> torch.Tensor:
         T = q.shape[0]
         data: _NativeStepData = meta.backend_data
@@ -406,7 +457,7 @@ class CpuNativeAttentionBackend(AttentionBackend):
             data.block_tables.data_ptr(), data.block_tables.shape[1], data.seq_lens.data_ptr(),
             data.query_start_loc.data_ptr(), data.token_to_seq.data_ptr(), out.data_ptr(),
             T, num_heads, num_kv_heads, head_dim, meta.block_size, meta.max_seq_len, scale, kvt,
-            ops.num_threads(),
+            spec.sliding_window or 0, spec.logit_softcap or 0.0, ops.num_threads(),
         )  # fmt: skip
         return out
 
@@ -414,8 +465,17 @@ class CpuNativeAttentionBackend(AttentionBackend):
 class Attention(nn.Module):
     """Attention of one layer over its own slice of the paged KV cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        spec: AttentionSpec = FULL_ATTENTION,
+    ) -> None:
         super().__init__()
+        if spec.sliding_window is not None and spec.sliding_window < 1:
+            raise ValueError(f"sliding window must be positive, got {spec.sliding_window}")
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads"
@@ -424,6 +484,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.spec = spec
         # Bound by the worker once the KV cache is allocated (not parameters or buffers).
         self.kv_cache = LayerKVCache(torch.empty(0), torch.empty(0))
 
@@ -432,5 +493,5 @@ class Attention(nn.Module):
         assert meta.backend is not None
         return meta.backend.forward(
             meta, q, k, v, self.kv_cache, self.num_heads, self.num_kv_heads, self.head_dim,
-            self.scale,
+            self.scale, self.spec,
         )  # fmt: skip

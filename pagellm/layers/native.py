@@ -96,7 +96,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_q_dequant_rows": ([_P, _I64, _INT, _INT, _INT, _P, _I64, _P, _INT], None),
     "pagellm_paged_attention": ([
         _P, _I64, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,
-        _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT, _INT,
+        _I64, _I64, _I64, _I64, _I64, _I64, _F, _INT, _I64, _F, _INT,
     ], None),
 }  # fmt: skip
 
@@ -124,6 +124,7 @@ class LayerDesc(ctypes.Structure):
         ("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
         ("qkv", LinearDesc), ("o", LinearDesc), ("gate_up", LinearDesc), ("down", LinearDesc),
         ("k_cache", _P), ("v_cache", _P), ("k_scale", _P), ("v_scale", _P),
+        ("window", _I64), ("softcap", _F), ("pad_", ctypes.c_int32),
     ]  # fmt: skip
 
 

@@ -33,6 +33,7 @@ _ARCHS: dict[str, tuple[str, str, bool]] = {
     "mistral": ("MistralForCausalLM", "MistralConfig", True),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
 }
 
 _LAYER_NAMES = {
@@ -52,6 +53,13 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 norms around the attention and the MLP (its ffn_norm is the pre-MLP norm).
+_GEMMA3_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -60,12 +68,13 @@ _GLOBAL_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -154,12 +163,47 @@ class GGUFFile:
             }
         elif scaling_type not in (None, "none"):
             raise ValueError(f"GGUF rope scaling {scaling_type!r} is not supported")
+        if a == "mistral":
+            # transformers' MistralConfig defaults to a 4096 window; a GGUF says its own.
+            window = self.value(f"{a}.attention.sliding_window")
+            kw["sliding_window"] = int(window) if window else None
+        if a == "gemma3":
+            self._gemma3_config(kw)
         cfg = getattr(transformers, cls_name)(**kw)
+        if a == "gemma3":
+            cfg.pagellm_gguf_norms = True  # llama.cpp stored the norms as 1 + weight
         if "rope_freqs.weight" in self.tensor_names:
             # Llama 3.1-style long-context models store per-frequency divisors.
             t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
             cfg.pagellm_rope_freq_factors = [float(x) for x in np.asarray(t.data).reshape(-1)]
         return cfg
+
+    def _gemma3_config(self, kw: dict[str, Any]) -> None:
+        """Gemma 3's fields as llama.cpp writes (or implies) them: a global layer every
+        sixth, local layers with RoPE base 10000, the window, the attention scale (the
+        27B model scales by hidden / heads, the others by the head size)."""
+        a = "gemma3"
+        n = kw["num_hidden_layers"]
+        pattern = int(self.value(f"{a}.attention.sliding_window_pattern", 6) or 6)
+        kw["layer_types"] = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)
+        ]
+        kw["sliding_window"] = int(self.value(f"{a}.attention.sliding_window", 4096))
+        kw["query_pre_attn_scalar"] = (
+            kw["hidden_size"] // kw["num_attention_heads"] if n == 62 else kw["head_dim"]
+        )
+        kw["hidden_activation"] = "gelu_pytorch_tanh"
+        cap = self.value(f"{a}.final_logit_softcapping")
+        kw["final_logit_softcapping"] = float(cap) if cap else None
+        full: dict[str, Any] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+        scaling = kw.pop("rope_scaling", None)
+        if scaling:
+            full.update(scaling)
+        kw["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+        kw.pop("attention_bias", None)
 
     def tensors(self, cfg: Any) -> Iterator[tuple[str, torch.Tensor | GGUFRawTensor]]:
         """(Hugging Face name, tensor) for every weight: matrices of a quantized type as
@@ -169,7 +213,7 @@ class GGUFFile:
         n_heads = cfg.num_attention_heads
         n_kv = cfg.num_key_value_heads
         for t in self.reader.tensors:
-            name = hf_tensor_name(t.name)
+            name = hf_tensor_name(t.name, self.arch)
             if name is None:
                 if t.name != "rope_freqs.weight":
                     logger.debug("ignoring GGUF tensor %s", t.name)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pagellm.layers.activation import SiluAndMul
-from pagellm.layers.attention import Attention, get_forward_context
+from pagellm.layers.attention import Attention, AttentionSpec, get_forward_context
 from pagellm.layers.linear import Linear, VocabEmbedding
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.quantization.base import as_float_tensor
@@ -31,6 +31,25 @@ def head_dim_of(cfg: Any) -> int:
     return int(head_dim) if head_dim else cfg.hidden_size // cfg.num_attention_heads
 
 
+def sliding_windows(cfg: Any) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), from the config: transformers
+    5's ``layer_types``, Qwen2's ``use_sliding_window`` / ``max_window_layers``, or a
+    ``sliding_window`` that applies to every layer (Mistral, Phi-3)."""
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return [None] * n
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    if not getattr(cfg, "use_sliding_window", True):
+        return [None] * n
+    first = getattr(cfg, "max_window_layers", None)
+    if first is not None and hasattr(cfg, "use_sliding_window"):
+        return [int(window) if i >= first else None for i in range(n)]
+    return [int(window)] * n
+
+
 def build_rotary(cfg: Any) -> RotaryEmbedding:
     """One rotary table for the whole model (every layer uses the same one)."""
     head_dim = head_dim_of(cfg)
@@ -41,8 +60,9 @@ def build_rotary(cfg: Any) -> RotaryEmbedding:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool
-    ) -> None:
+        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+        window: int | None = None, scale: float | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -59,7 +79,10 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim,
+            self.head_dim**-0.5 if scale is None else scale, AttentionSpec(sliding_window=window),
+        )  # fmt: skip
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -94,10 +117,11 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool
-    ) -> None:
+        self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+        window: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm, window)
         self.mlp = LlamaMLP(cfg, bias=bool(getattr(cfg, "mlp_bias", False)))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -118,8 +142,8 @@ class LlamaModel(nn.Module):
         rotary = build_rotary(cfg)
         self.rotary = rotary
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm)
-            for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, window)
+            for window in sliding_windows(cfg)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # The CPU fast path (see _native_stack); tests switch it off to compare.
@@ -312,6 +336,8 @@ def build_native_stack(model: Any) -> tuple[Any, Any] | None:
         d.k_cache, d.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         if cache.k_scale is not None and cache.v_scale is not None:
             d.k_scale, d.v_scale = cache.k_scale.data_ptr(), cache.v_scale.data_ptr()
+        spec = a.attn.spec
+        d.window, d.softcap = spec.sliding_window or 0, spec.logit_softcap or 0.0
     eps = layers[0].input_layernorm.eps
     stack = native.StackDesc(
         num_layers=len(layers), hidden=first.input_layernorm.weight.numel(),

@@ -15,6 +15,7 @@ Arrays grow (doubling) when more requests or longer ones arrive than planned.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,8 @@ class RowState:
     sampling_params: SamplingParams
     prompt_logprobs_done: bool = False
     lora_request: LoRARequest | None = None
+    pool_sum: Any = None
+    """Embedding requests with mean pooling: the sum of the hidden states computed so far."""
 
 
 class InputBatch:

@@ -42,14 +42,24 @@ class KVCachePlan:
     num_blocks: int
     budget_bytes: int
     max_model_len: int
+    sliding_window: int | None = None
+    """Every layer slides: a request holds its window's blocks, not its whole length."""
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
     @property
+    def tokens_per_request(self) -> int:
+        """KV positions one full-length request holds at most."""
+        if self.sliding_window is None:
+            return self.max_model_len
+        # The window, the partly-slid block at its start and the block being filled.
+        return min(self.max_model_len, self.sliding_window + 2 * self.block_size)
+
+    @property
     def max_concurrency(self) -> float:
-        return self.num_tokens / self.max_model_len
+        return self.num_tokens / self.tokens_per_request
 
     @property
     def kv_bytes(self) -> int:
@@ -61,6 +71,11 @@ class KVCachePlan:
             f"{self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens "
             f"({format_bytes(self.kv_bytes)}); {self.max_concurrency:.1f} requests of "
             f"max_model_len={self.max_model_len} fit at once"
+            + (
+                f" (sliding window {self.sliding_window}: blocks behind it are freed)"
+                if self.sliding_window
+                else ""
+            )
         )
 
 
@@ -72,6 +87,7 @@ def plan_kv_cache(
     weight_bytes: int,
     profiled_peak_bytes: int = 0,
     draft_hf_config: Any = None,
+    sliding_window: int | None = None,
 ) -> KVCachePlan:
     """``draft_hf_config``: a draft model (speculative decoding) keeps its own KV for
     the same blocks; its bytes per token are counted too."""
@@ -99,9 +115,10 @@ def plan_kv_cache(
         num_blocks=int(num_blocks),
         budget_bytes=budget,
         max_model_len=max_model_len,
+        sliding_window=sliding_window,
     )
-    if plan.num_tokens < max_model_len:
-        need = -(-max_model_len // cache_config.block_size) * per_block
+    if plan.num_tokens < plan.tokens_per_request:
+        need = -(-plan.tokens_per_request // cache_config.block_size) * per_block
         raise ValueError(
             f"the KV cache cannot hold one request of max_model_len={max_model_len} tokens: "
             f"the budget of {format_bytes(budget)} gives {plan.num_blocks} blocks = "

@@ -132,7 +132,7 @@ class ModelRunner:
         draft_config = self.drafter.hf_config if self.drafter is not None else None
         self.plan = plan_kv_cache(
             mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
-            draft_config,
+            draft_config, self.config.scheduler.sliding_window,
         )  # fmt: skip
         self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
         if self.drafter is not None:
@@ -289,7 +289,10 @@ class ModelRunner:
         # Rows whose logits we need: the sampling rows (1 + its proposals per request),
         # then prompt-logprob rows.
         num_tokens = batch.num_tokens[rows]
+        pooling = [i for i, s in enumerate(states) if s.sampling_params.pooling is not None]
         sample_req_idx = np.nonzero(seq_lens - spec_lens == num_tokens)[0].tolist()
+        if pooling:  # embedding requests pool their hidden states instead of sampling
+            sample_req_idx = [i for i in sample_req_idx if i not in set(pooling)]
         logits_rows = [
             r for i in sample_req_idx for r in range(int(qsl[i + 1] - 1 - spec_lens[i]), int(qsl[i + 1]))
         ]  # fmt: skip
@@ -318,6 +321,17 @@ class ModelRunner:
                 torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
             )
         draft_out: dict[str, list[int]] = {}
+        pooled = (
+            self._pool(
+                hidden,
+                [states[i] for i in pooling],
+                qsl[pooling],
+                qsl[[i + 1 for i in pooling]],
+                seq_lens[pooling],
+            )
+            if pooling
+            else {}
+        )
         sampled_lists: list[list[int]] = [[] for _ in range(B)]
         logprobs_out: list[list[TokenLogprobs] | None] | None = None
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
@@ -391,7 +405,40 @@ class ModelRunner:
             logprobs=logprobs_out,
             prompt_logprobs=prompt_logprobs,
             draft_token_ids=draft_out,
+            pooled=pooled,
         )
+
+    def _pool(
+        self,
+        hidden: torch.Tensor,
+        states: list[RowState],
+        starts: np.ndarray,
+        ends: np.ndarray,
+        seq_lens: np.ndarray,
+    ) -> dict[str, list[float]]:
+        """Embedding requests: add this chunk's final hidden states to the request's sum
+        (mean pooling), and once its prompt is complete return the pooled, truncated
+        (dimensions) and normalized vector."""
+        out: dict[str, list[float]] = {}
+        for s, a, b, n in zip(states, starts.tolist(), ends.tolist(), seq_lens.tolist()):
+            pp = s.sampling_params.pooling
+            assert pp is not None
+            if pp.pooling_type == "mean":
+                part = hidden[a:b].double().sum(dim=0)
+                s.pool_sum = part if s.pool_sum is None else s.pool_sum + part
+            if n < s.num_prompt_tokens:
+                continue
+            if pp.pooling_type == "mean":
+                assert s.pool_sum is not None
+                vec = (s.pool_sum / s.num_prompt_tokens).float()
+            else:
+                vec = hidden[b - 1].float()
+            if pp.dimensions is not None:
+                vec = vec[: pp.dimensions]
+            if pp.normalize:
+                vec = torch.nn.functional.normalize(vec, dim=0)
+            out[s.req_id] = vec.cpu().tolist()
+        return out
 
     def _lora_groups(
         self, states: list[RowState], rows: np.ndarray, q_lens: np.ndarray

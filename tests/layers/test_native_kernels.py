@@ -15,6 +15,7 @@ from pagellm.layers import native, ops
 from pagellm.layers.attention import (
     KV_CACHE_DTYPES,
     AttentionMetadata,
+    AttentionSpec,
     CpuNativeAttentionBackend,
     LayerKVCache,
     TorchAttentionBackend,
@@ -150,13 +151,32 @@ def _clone(cache: LayerKVCache) -> LayerKVCache:
     )  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("Hq", "Hkv", "D"), [(9, 3, 64), (4, 4, 32), (8, 1, 64), (10, 2, 128)])
-@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "fp8_e4m3", "int8"])
+SPECS = {
+    "full": AttentionSpec(),
+    "window": AttentionSpec(sliding_window=20),
+    "softcap": AttentionSpec(logit_softcap=3.0),
+    "window+softcap": AttentionSpec(sliding_window=7, logit_softcap=2.0),
+}
+
+
+_HEADS = [(9, 3, 64), (4, 4, 32), (8, 1, 64), (10, 2, 128)]
+_KV = ["float32", "bfloat16", "fp8_e4m3", "int8"]
+# Every head layout and KV dtype for full attention; the other layer kinds on two layouts
+# and the float32 / int8 caches (the read path is shared by every dtype).
+_CASES = [(*h, kv, "full") for h in _HEADS for kv in _KV] + [
+    (*h, kv, kind) for h in _HEADS[:2] for kv in ("float32", "int8") for kind in list(SPECS)[1:]
+]
+
+
+@pytest.mark.parametrize(("Hq", "Hkv", "D", "kv_dtype", "kind"), _CASES)
 def test_paged_attention_matches_torch_backend(
-    lib: ctypes.CDLL, Hq: int, Hkv: int, D: int, kv_dtype: str
+    lib: ctypes.CDLL, Hq: int, Hkv: int, D: int, kv_dtype: str, kind: str
 ) -> None:
     """The C kernel and the torch backend write the same cache bytes (every KV dtype) and
-    attend to the same result; in float32 both equal plain attention over the context."""
+    attend to the same result; in float32 both equal plain attention over the context,
+    for every layer kind (sliding window, logit soft-cap). Blocks wholly behind a
+    window hold NaN (as freed blocks may hold anything): neither backend may read them."""
+    spec = SPECS[kind]
     bs = 16
     q_lens, seq_lens, tables, num_blocks = _mixed_batch(bs)
     T = sum(q_lens)
@@ -172,6 +192,12 @@ def test_paged_attention_matches_torch_backend(
     k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
     v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g)
     start = _cache_of(k_cache, v_cache, kv_dtype)
+    W = spec.sliding_window
+    if W is not None and kv_dtype == "float32":
+        for s, (ql, sl) in enumerate(zip(q_lens, seq_lens)):
+            for b in tables[s][: max(sl - ql + 1 - W, 0) // bs]:
+                start.k[b] = float("nan")
+                start.v[b] = float("nan")
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
     q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     outs, caches = {}, {}
@@ -184,7 +210,7 @@ def test_paged_attention_matches_torch_backend(
         )  # fmt: skip
         meta.backend_data = backend.prepare(meta)
         caches[name] = cache = _clone(start)
-        outs[name] = backend.forward(meta, q, k, v, cache, Hq, Hkv, D, D**-0.5)
+        outs[name] = backend.forward(meta, q, k, v, cache, Hq, Hkv, D, D**-0.5, spec)
     for a, b in zip(caches["cpu_native"].tensors(), caches["torch"].tensors()):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     torch.testing.assert_close(outs["cpu_native"], outs["torch"], atol=2e-5, rtol=2e-5)
@@ -200,8 +226,15 @@ def test_paged_attention_matches_torch_backend(
         ctx_k = torch.cat([kc[b] for b in tables[s]])[:sl].repeat_interleave(G, dim=1)
         ctx_v = torch.cat([vc[b] for b in tables[s]])[:sl].repeat_interleave(G, dim=1)
         qs = q[qsl[s] : qsl[s + 1]].reshape(ql, Hq, D)
+        keys, rows = torch.arange(sl)[None, :], torch.arange(sl - ql, sl)[:, None]
+        allowed = keys <= rows
+        if W is not None:
+            allowed &= keys > rows - W
+            seen = allowed.any(dim=0)[:, None, None]
+            ctx_k, ctx_v = ctx_k.where(seen, 0.0), ctx_v.where(seen, 0.0)
         scores = torch.einsum("qhd,khd->hqk", qs, ctx_k) * D**-0.5
-        allowed = torch.arange(sl)[None, :] <= torch.arange(sl - ql, sl)[:, None]
+        if spec.logit_softcap is not None:
+            scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
         scores = scores.masked_fill(~allowed, float("-inf"))
         ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), ctx_v).reshape(ql, Hq * D)
         torch.testing.assert_close(

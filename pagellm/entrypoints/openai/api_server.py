@@ -36,6 +36,7 @@ from pagellm.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     GenerateRequest,
     LoadLoRAAdapterRequest,
     ModelCard,
@@ -47,6 +48,7 @@ from pagellm.entrypoints.openai.protocol import (
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
@@ -90,6 +92,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         served.load(lora_name, lora_path)  # a bad adapter stops start-up (ValueError)
     allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
     completion = OpenAIServingCompletion(engine, served)
+    embedding = OpenAIServingEmbedding(engine, served)
     chat = OpenAIServingChat(engine, served, getattr(args, "tool_call_parser", "hermes"))
     lora_config = engine.config.lora
     prometheus = PrometheusStatLogger(names[0], lora_config.max_loras if lora_config else 0)
@@ -185,6 +188,10 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await respond(request, completion.create(body))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await respond(request, embedding.create(body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

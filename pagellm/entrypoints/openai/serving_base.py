@@ -149,6 +149,16 @@ async def merge_async_iterators(
                     await close()
 
 
+def as_prompt_list(raw: Any) -> list[Any]:
+    """A completions ``prompt`` or embeddings ``input`` as a list of prompts: a string or
+    one list of token ids is one prompt; otherwise a list of them."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and all(isinstance(t, int) for t in raw):
+        return [raw]
+    return list(raw)
+
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, models: ServingModels | Sequence[str]) -> None:
         from pagellm.entrypoints.openai.serving_models import ServingModels

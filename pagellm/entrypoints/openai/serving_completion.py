@@ -18,6 +18,7 @@ from pagellm.entrypoints.openai.serving_base import (
     SSE_DONE,
     APIError,
     OpenAIServing,
+    as_prompt_list,
     merge_async_iterators,
     sse,
     stream_error,
@@ -35,13 +36,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if getattr(req, name) is not None:
                 raise APIError.bad_request(f"{name} is not supported by this server", name)
         model = self.check_model(req.model)
-        raw = req.prompt
-        if isinstance(raw, str):
-            prompts: list[Any] = [raw]
-        elif raw and all(isinstance(t, int) for t in raw):
-            prompts = [raw]
-        else:
-            prompts = list(raw)
+        prompts = as_prompt_list(req.prompt)
         if not prompts:
             raise APIError.bad_request("prompt must not be empty", "prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:

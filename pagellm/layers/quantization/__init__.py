@@ -31,11 +31,14 @@ QUANTIZATION_CHOICES = ("auto", "none", "gguf", "int8", "int4", "awq", "gptq")
 
 
 def method_for(config: QuantConfig, role: str = "linear") -> LinearMethod:
-    """The method for a layer of ``role`` (linear, lm_head or embedding)."""
+    """The method for a layer of ``role`` (linear, lm_head, embedding or router)."""
     from pagellm.layers.quantization import base
 
     name = config.method
-    if role == "linear" and config.checkpoint_method is not None:
+    if role == "router":
+        # A mixture-of-experts router is tiny and decides which experts run: float.
+        name = "none"
+    elif role == "linear" and config.checkpoint_method is not None:
         name = config.checkpoint_method  # reads the packed codes (and dequantizes for none)
     elif role != "linear":
         # Embedding tables and the LM head: int4 is too coarse for them (the int8 path

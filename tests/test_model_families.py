@@ -1,0 +1,301 @@
+"""Gemma 3, Phi-3, Qwen3-MoE and Mixtral (and Mistral's sliding window) against
+transformers on tiny random models (fp32), with per-layer attention kinds: prompts
+longer than the sliding window, chunked prefill, prefix-cache hits across the window
+boundary, blocks freed behind the window; and embeddings against transformers' pooled
+hidden states."""
+
+from __future__ import annotations
+
+import base64
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pagellm import LLM, SamplingParams
+from pagellm.sampling_params import PoolingParams
+from tests.conftest import hf_logits
+from tests.utils import prompt_logits
+
+TOL = 2e-4
+WINDOW = 12
+FAMILIES = ["Gemma3ForCausalLM", "Phi3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM",
+            "MistralForCausalLM"]  # fmt: skip
+
+
+def family_config(arch: str) -> Any:
+    import transformers
+
+    common: dict[str, Any] = dict(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        architectures=[arch],
+    )  # fmt: skip
+    if arch == "Gemma3ForCausalLM":
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=15.0,
+        )  # fmt: skip
+    if arch == "Phi3ForCausalLM":
+        rot = 32 // 2
+        return transformers.Phi3Config(
+            **common, sliding_window=WINDOW, original_max_position_embeddings=128,
+            rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(rot)],
+                          "long_factor": [1.5 + 0.1 * i for i in range(rot)]},
+        )  # fmt: skip
+    if arch == "Qwen3MoeForCausalLM":
+        return transformers.Qwen3MoeConfig(
+            **common, head_dim=32, moe_intermediate_size=64, num_experts=4,
+            num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+        )  # fmt: skip
+    if arch == "MixtralForCausalLM":
+        return transformers.MixtralConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW
+        )
+    if arch == "MistralForCausalLM":
+        return transformers.MistralConfig(**common, sliding_window=WINDOW)
+    raise AssertionError(arch)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM
+
+    dirs = {}
+    for arch in FAMILIES:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(family_config(arch), dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0 if arch.startswith("Gemma") else 1.0, 0.2)
+        path = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(path)
+        smol_tokenizer.save_pretrained(path)
+        dirs[arch] = str(path)
+    return dirs
+
+
+def _hf(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_prompt_logits_equal_hf(arch: str, family_dirs: dict[str, str]) -> None:
+    """Every prompt position, for a prompt 5x the window (Phi-3: under its LongRoPE
+    original length, where transformers uses the short factors)."""
+    path = family_dirs[arch]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    prompt = _prompt(5 * WINDOW, 1)
+    torch.testing.assert_close(
+        prompt_logits(llm, prompt), hf_logits(_hf(path), prompt), atol=TOL, rtol=TOL
+    )
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_chunked_batched_decode_and_prefix_hits_equal_hf(
+    arch: str, backend: str, family_dirs: dict[str, str]
+) -> None:
+    """A mixed batch, prefilled in chunks of 8 tokens while others decode, greedy tokens
+    and logprobs against transformers on the full sequence; then the same prompts again,
+    served from the prefix cache across the window boundary, give the same output."""
+    path = family_dirs[arch]
+    llm = LLM(
+        path, dtype="float32", block_size=4, kv_cache_memory=8 << 20, max_num_batched_tokens=8,
+        attention_backend=backend, native_kernels=backend == "auto",
+    )  # fmt: skip
+    prompts = [_prompt(n, 10 + n) for n in (3 * WINDOW + 5, 7, 2 * WINDOW)]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=3, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    hf = _hf(path)
+    for prompt, out in zip(prompts, outs):
+        gen = out.outputs[0].token_ids
+        ref = hf_logits(hf, prompt + gen).log_softmax(-1)
+        assert gen == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+        for i, lp in enumerate(out.outputs[0].logprobs or []):
+            for tok, val in lp.items():
+                assert abs(val.logprob - ref[len(prompt) - 1 + i, tok].item()) < TOL
+    again = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert again[0].num_cached_tokens >= 2 * WINDOW
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Gemma3ForCausalLM"])
+def test_blocks_behind_the_window_are_freed(arch: str, family_dirs: dict[str, str]) -> None:
+    """Every layer slides (Mixtral): a long generation holds a bounded number of blocks.
+    Gemma 3 has a full-attention layer: nothing may be freed, and the plan says so."""
+    path = family_dirs[arch]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    engine = llm.engine
+    engine.add_request("long", {"prompt_token_ids": _prompt(20, 3)},
+                       SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))  # fmt: skip
+    scheduler = engine.core.scheduler
+    most = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        held = scheduler.kv.req_to_blocks.get("long")
+        if held:
+            most = max(most, sum(1 for b in held if b.ref_cnt > 0))
+        scheduler.check_invariants()
+    if arch == "MixtralForCausalLM":
+        assert engine.plan.sliding_window == WINDOW
+        assert most <= WINDOW // 4 + 3, most
+    else:
+        assert engine.plan.sliding_window is None
+        assert most >= (20 + 150) // 4
+    assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
+
+
+def _hf_pooled(path: str, prompt: list[int], how: str) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+    vec = hidden[-1] if how == "last" else hidden.mean(dim=0)
+    return torch.nn.functional.normalize(vec, dim=0)
+
+
+@pytest.mark.parametrize("how", ["last", "mean"])
+def test_embeddings_equal_hf_pooling(how: str, tiny_model_dirs: dict[str, str]) -> None:
+    path = tiny_model_dirs["Qwen3ForCausalLM"]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20,
+              max_num_batched_tokens=16, pooling=how)  # fmt: skip
+    prompts = [_prompt(n, n) for n in (40, 3, 17)]
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        ref = _hf_pooled(path, p, how)
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), ref, atol=1e-4, rtol=1e-4)
+    # Matryoshka-style truncation: the first d values, renormalized.
+    cut = llm.embed({"prompt_token_ids": prompts[0]}, PoolingParams(dimensions=16), use_tqdm=False)
+    ref = torch.nn.functional.normalize(_hf_pooled(path, prompts[0], how)[:16], dim=0)
+    torch.testing.assert_close(torch.tensor(cut[0].outputs.embedding), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="dimensions"):
+        llm.embed("hi", PoolingParams(dimensions=10_000))
+    # Embeddings and generation share the engine.
+    mixed = llm.generate([prompts[1]], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert len(mixed[0].outputs[0].token_ids) == 3
+
+
+def test_embeddings_endpoint(server: Any, smol_llm_default: LLM) -> None:
+    import openai
+
+    from tests.conftest import API_KEY
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY)
+    model = client.models.list().data[0].id
+    texts = ["The cat sat on the mat.", "Paged attention keeps KV in blocks."]
+    r = client.embeddings.create(model=model, input=texts)
+    assert [d.index for d in r.data] == [0, 1]
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+    ref = smol_llm_default.embed(texts, use_tqdm=False)
+    for d, o in zip(r.data, ref):
+        assert np.allclose(d.embedding, o.outputs.embedding, atol=1e-5)
+        assert abs(np.linalg.norm(d.embedding) - 1) < 1e-5
+    b64 = client.embeddings.create(model=model, input=texts[0], encoding_format="base64",
+                                   dimensions=64)  # fmt: skip
+    vec = b64.data[0].embedding
+    if isinstance(vec, str):  # older clients hand back the text
+        vec = np.frombuffer(base64.b64decode(vec), dtype="<f4").tolist()
+    assert len(vec) == 64 and abs(np.linalg.norm(vec) - 1) < 1e-5
+    import httpx
+
+    http = httpx.Client(base_url=server.url(), headers={"Authorization": f"Bearer {API_KEY}"})
+    for body, field in (({"input": []}, "input"), ({"input": "x", "dimensions": 0}, "dimensions"),
+                        ({"input": "x", "model": "nope"}, None)):  # fmt: skip
+        resp = http.post("/v1/embeddings", json=body)
+        assert resp.status_code in (400, 404), resp.text
+        if field:
+            assert field in resp.json()["error"]["message"]
+
+
+def _write_gemma3_gguf(hf_dir: str, path: str, tokenizer_gguf: str) -> None:
+    """The tiny Gemma 3 as llama.cpp's converter writes it: F32 tensors under GGUF names,
+    norms stored as 1 + weight, and the default model's tokenizer metadata."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = family_config("Gemma3ForCausalLM")
+    tensors = load_file(f"{hf_dir}/model.safetensors")
+    reader = gguf.GGUFReader(tokenizer_gguf)
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(WINDOW)
+    w.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # layers 0, 2 local; 1 global
+    w.add_float32("gemma3.final_logit_softcapping", cfg.final_logit_softcapping)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = gguf.GGUFValueType(field.types[0])
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_array(key, field.contents())
+            else:
+                w.add_key_value(key, field.contents(), vtype)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for name, t in tensors.items():
+        arr = t.float().numpy()
+        if "norm" in name:
+            arr = arr + 1.0
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            out = f"blk.{layer}.{names[rest.removesuffix('.weight')]}.weight"
+        w.add_tensor(out, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gemma3_from_gguf_equals_hf(
+    family_dirs: dict[str, str], tmp_path: Any, default_model_path: str
+) -> None:
+    """Gemma 3 from a GGUF file: its local/global layout (the window pattern), the
+    norms llama.cpp stores as 1 + weight and the soft-cap read from the metadata."""
+    hf_dir = family_dirs["Gemma3ForCausalLM"]
+    path = str(tmp_path / "gemma3.gguf")
+    _write_gemma3_gguf(hf_dir, path, default_model_path)
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    cfg = llm.engine.config.model.hf_config
+    assert cfg.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    prompt = _prompt(4 * WINDOW, 5)
+    from transformers import AutoModelForCausalLM
+
+    # llama.cpp keeps no query_pre_attn_scalar: it scales by the head size (27B: hidden /
+    # heads), so the reference does too.
+    hf = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager", query_pre_attn_scalar=32
+    ).eval()
+    torch.testing.assert_close(
+        prompt_logits(llm, prompt), hf_logits(hf, prompt), atol=TOL, rtol=TOL
+    )
