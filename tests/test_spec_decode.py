@@ -241,6 +241,23 @@ def test_bad_speculative_configs_are_refused() -> None:
         SamplingParams(num_speculative_tokens=-1)
 
 
+def test_speculation_turns_itself_off_where_measured() -> None:
+    """Quantized weights on CPU stop paying above 4 requests, float weights above 8; an
+    explicit disable_by_batch_size wins."""
+    from pagellm.engine.arg_utils import EngineArgs
+
+    def limit(**kw: Any) -> int:
+        spec = EngineArgs(speculative_config=NGRAM, **kw).create_engine_config().speculative
+        assert spec is not None
+        return spec.disable_by_batch_size
+
+    assert limit() == 4  # the default GGUF, kept quantized
+    assert limit(quantization="none") == 8
+    cfg = {**NGRAM, "disable_by_batch_size": 3}
+    spec = EngineArgs(speculative_config=cfg).create_engine_config().speculative
+    assert spec is not None and spec.disable_by_batch_size == 3
+
+
 def test_server_reports_acceptance_and_takes_the_per_request_switch() -> None:
     import httpx
     import openai

@@ -295,11 +295,11 @@ class EngineArgs:
             )
             if self.enable_lora
             else None,
-            speculative=self._speculative_config(model_config),
+            speculative=self._speculative_config(model_config, device),
             log_stats=self.log_stats,
         )
 
-    def _speculative_config(self, target: ModelConfig) -> SpeculativeConfig | None:
+    def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
         """Parse and check --speculative-config against the target model."""
         spec = self.speculative_config
         if spec is None or spec == "":
@@ -333,7 +333,12 @@ class EngineArgs:
             raise ValueError(
                 "speculative_config: num_speculative_tokens must be an integer from 1 to 16"
             )
-        disable = spec.get("disable_by_batch_size", 8)
+        # Measured (docs/benchmarks.md#speculative-decoding-issue-14-epyc-zen4): on CPU the
+        # quantized kernels are compute-bound, so verifying k + 1 rows per request stops
+        # paying at about 4 requests; float weights are bandwidth-bound, rows nearly free,
+        # and speculation pays up to about 8.
+        quantized_cpu = device == "cpu" and target.quantization.method != "none"
+        disable = spec.get("disable_by_batch_size", 4 if quantized_cpu else 8)
         if not isinstance(disable, int) or disable < 1:
             raise ValueError("speculative_config: disable_by_batch_size must be a positive integer")
         if method == "ngram":

@@ -1,7 +1,7 @@
 """``pagellm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
-/generate (legacy), /health, /version, /metrics. With --api-key (or PAGELLM_API_KEY)
+Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /tokenize,
+/detokenize, /generate (legacy), /health, /version, /metrics. With --api-key (or PAGELLM_API_KEY)
 every route except /health, /version and /metrics needs ``Authorization: Bearer KEY``.
 Every error is an OpenAI error body; unexpected ones are logged with their traceback
 and answered 500 without it.
