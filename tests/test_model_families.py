@@ -223,15 +223,14 @@ def test_embeddings_endpoint(server: Any, smol_llm_default: LLM) -> None:
             assert field in resp.json()["error"]["message"]
 
 
-def _write_gemma3_gguf(hf_dir: str, path: str, tokenizer_gguf: str) -> None:
+def _write_gemma3_gguf(hf_dir: str, path: str) -> None:
     """The tiny Gemma 3 as llama.cpp's converter writes it: F32 tensors under GGUF names,
-    norms stored as 1 + weight, and the default model's tokenizer metadata."""
+    norms stored as 1 + weight (no tokenizer: tests pass the HF directory's)."""
     import gguf
     from safetensors.torch import load_file
 
     cfg = family_config("Gemma3ForCausalLM")
     tensors = load_file(f"{hf_dir}/model.safetensors")
-    reader = gguf.GGUFReader(tokenizer_gguf)
     w = gguf.GGUFWriter(path, "gemma3")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -246,13 +245,7 @@ def _write_gemma3_gguf(hf_dir: str, path: str, tokenizer_gguf: str) -> None:
     w.add_sliding_window(WINDOW)
     w.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # layers 0, 2 local; 1 global
     w.add_float32("gemma3.final_logit_softcapping", cfg.final_logit_softcapping)
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            vtype = gguf.GGUFValueType(field.types[0])
-            if vtype == gguf.GGUFValueType.ARRAY:
-                w.add_array(key, field.contents())
-            else:
-                w.add_key_value(key, field.contents(), vtype)
+    w.add_vocab_size(cfg.vocab_size)  # the tokenizer comes from the HF directory (faster)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -277,15 +270,13 @@ def _write_gemma3_gguf(hf_dir: str, path: str, tokenizer_gguf: str) -> None:
     w.close()
 
 
-def test_gemma3_from_gguf_equals_hf(
-    family_dirs: dict[str, str], tmp_path: Any, default_model_path: str
-) -> None:
+def test_gemma3_from_gguf_equals_hf(family_dirs: dict[str, str], tmp_path: Any) -> None:
     """Gemma 3 from a GGUF file: its local/global layout (the window pattern), the
     norms llama.cpp stores as 1 + weight and the soft-cap read from the metadata."""
     hf_dir = family_dirs["Gemma3ForCausalLM"]
     path = str(tmp_path / "gemma3.gguf")
-    _write_gemma3_gguf(hf_dir, path, default_model_path)
-    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    _write_gemma3_gguf(hf_dir, path)
+    llm = LLM(path, tokenizer=hf_dir, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
     cfg = llm.engine.config.model.hf_config
     assert cfg.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
     prompt = _prompt(4 * WINDOW, 5)
@@ -296,6 +287,88 @@ def test_gemma3_from_gguf_equals_hf(
     hf = AutoModelForCausalLM.from_pretrained(
         hf_dir, dtype=torch.float32, attn_implementation="eager", query_pre_attn_scalar=32
     ).eval()
+    torch.testing.assert_close(
+        prompt_logits(llm, prompt), hf_logits(hf, prompt), atol=TOL, rtol=TOL
+    )
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+def test_moe_from_gguf_equals_hf(arch: str, tmp_path: Any, family_dirs: dict[str, str]) -> None:
+    """MoE GGUF files as llama.cpp writes them: experts stacked in 3-D ``*_exps`` tensors
+    (qwen3moe; Mixtral as a "llama" file with an expert count and permuted q/k rows)."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    cfg = family_config(arch)
+    if arch == "Qwen3MoeForCausalLM":
+        cfg.mlp_only_layers = []  # llama.cpp's qwen3moe has experts in every layer
+    cfg.sliding_window = None
+    torch.manual_seed(1)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    a = "qwen3moe" if arch == "Qwen3MoeForCausalLM" else "llama"
+    path = str(tmp_path / "moe.gguf")
+    w = gguf.GGUFWriter(path, a)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if a == "qwen3moe":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_vocab_size(cfg.vocab_size)  # the tokenizer comes from an HF directory (faster)
+
+    def add(name: str, arr: np.ndarray) -> None:
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if a == "llama":
+            q = _llama_cpp_permute(q, cfg.num_attention_heads)
+            k = _llama_cpp_permute(k, cfg.num_key_value_heads)
+        for gname, arr in (("attn_q", q), ("attn_k", k), ("attn_v", sd[p + "self_attn.v_proj.weight"]),
+                           ("attn_output", sd[p + "self_attn.o_proj.weight"]),
+                           ("attn_norm", sd[p + "input_layernorm.weight"]),
+                           ("ffn_norm", sd[p + "post_attention_layernorm.weight"]),
+                           ("ffn_gate_inp", sd[p + "mlp.gate.weight"])):  # fmt: skip
+            add(f"blk.{i}.{gname}.weight", arr)
+        if a == "qwen3moe":
+            add(f"blk.{i}.attn_q_norm.weight", sd[p + "self_attn.q_norm.weight"])
+            add(f"blk.{i}.attn_k_norm.weight", sd[p + "self_attn.k_norm.weight"])
+        # transformers 5 holds experts stacked: gate_up [E, 2I, H] (gate first), down [E, H, I].
+        gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
+        inter = gate_up.shape[1] // 2
+        add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter])
+        add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:])
+        add(f"blk.{i}.ffn_down_exps.weight", down)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = family_dirs["MistralForCausalLM"]
+    llm = LLM(path, tokenizer=tok, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    assert llm.engine.config.model.architecture == arch
+    prompt = _prompt(30, 9)
     torch.testing.assert_close(
         prompt_logits(llm, prompt), hf_logits(hf, prompt), atol=TOL, rtol=TOL
     )

@@ -34,6 +34,15 @@ _ARCHS: dict[str, tuple[str, str, bool]] = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", False),
+}
+# A "llama" file with experts is Mixtral (llama.cpp writes Mixtral as llama).
+_MIXTRAL = ("MixtralForCausalLM", "MixtralConfig", True)
+# Stacked expert tensors [experts, rows, cols] -> one matrix per expert.
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
 }
 
 _LAYER_NAMES = {
@@ -52,6 +61,7 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
 }
 # Gemma 3 norms around the attention and the MLP (its ffn_norm is the pre-MLP norm).
 _GEMMA3_NAMES = {
@@ -110,6 +120,13 @@ class GGUFFile:
             raise ValueError(
                 f"GGUF architecture {self.arch!r} is not supported; supported: {', '.join(sorted(_ARCHS))}"
             )
+        self.num_experts = int(self.value(f"{self.arch}.expert_count", 0) or 0)
+        if self.num_experts and self.arch not in ("llama", "qwen3moe"):
+            raise ValueError(f"GGUF {self.arch} files with experts are not supported")
+
+    @property
+    def _arch_entry(self) -> tuple[str, str, bool]:
+        return _MIXTRAL if self.arch == "llama" and self.num_experts else _ARCHS[self.arch]
 
     def value(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
@@ -122,7 +139,7 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        return _ARCHS[self.arch][0]
+        return self._arch_entry[0]
 
     @cached_property
     def tensor_names(self) -> set[str]:
@@ -131,7 +148,7 @@ class GGUFFile:
     def hf_config(self) -> Any:
         import transformers
 
-        hf_arch, cls_name, _ = _ARCHS[self.arch]
+        hf_arch, cls_name, _ = self._arch_entry
         a = self.arch
         n_heads = int(self.value(f"{a}.attention.head_count"))
         hidden = int(self.value(f"{a}.embedding_length"))
@@ -167,6 +184,15 @@ class GGUFFile:
             # transformers' MistralConfig defaults to a 4096 window; a GGUF says its own.
             window = self.value(f"{a}.attention.sliding_window")
             kw["sliding_window"] = int(window) if window else None
+        if self.num_experts:
+            kw["num_experts_per_tok"] = int(self.value(f"{a}.expert_used_count"))
+            if a == "qwen3moe":
+                kw["num_experts"] = self.num_experts
+                kw["moe_intermediate_size"] = int(self.value(f"{a}.expert_feed_forward_length"))
+                kw["norm_topk_prob"] = True  # llama.cpp normalizes Qwen3-MoE's top-k weights
+                kw["mlp_only_layers"] = []
+            else:
+                kw["num_local_experts"] = self.num_experts
         if a == "gemma3":
             self._gemma3_config(kw)
         cfg = getattr(transformers, cls_name)(**kw)
@@ -177,6 +203,25 @@ class GGUFFile:
             t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
             cfg.pagellm_rope_freq_factors = [float(x) for x in np.asarray(t.data).reshape(-1)]
         return cfg
+
+    def _expert_tensors(
+        self, t: Any, layer: str, what: str
+    ) -> Iterator[tuple[str, torch.Tensor | GGUFRawTensor]]:
+        """A stacked [experts, rows, cols] tensor as one matrix per expert (quantized ones
+        keep their blocks)."""
+        qtype = t.tensor_type.name
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        data = np.asarray(t.data)
+        for e in range(self.num_experts):
+            name = f"model.layers.{layer}.mlp.experts.{e}.{what}"
+            if qtype not in _FLOAT_TYPES:
+                raw = np.ascontiguousarray(data.reshape(self.num_experts, rows, -1)[e])
+                yield name, GGUFRawTensor(f"{t.name}[{e}]", qtype, raw, (rows, cols))
+            else:
+                arr = dequantize_tensor(
+                    t.name, data.reshape(self.num_experts, rows, -1)[e], t.tensor_type
+                )
+                yield name, torch.from_numpy(np.array(arr.reshape(rows, cols), copy=True))
 
     def _gemma3_config(self, kw: dict[str, Any]) -> None:
         """Gemma 3's fields as llama.cpp writes (or implies) them: a global layer every
@@ -209,10 +254,16 @@ class GGUFFile:
         """(Hugging Face name, tensor) for every weight: matrices of a quantized type as
         their raw blocks (``GGUFRawTensor``, rows in Hugging Face order), everything
         else as a float32 tensor. Each layer's quantization method decides what to keep."""
-        permute = _ARCHS[self.arch][2]
+        permute = self._arch_entry[2]
         n_heads = cfg.num_attention_heads
         n_kv = cfg.num_key_value_heads
         for t in self.reader.tensors:
+            experts = _BLOCK_RE.match(t.name)
+            if experts and experts.group(2) in _EXPERT_NAMES:
+                yield from self._expert_tensors(
+                    t, experts.group(1), _EXPERT_NAMES[experts.group(2)]
+                )
+                continue
             name = hf_tensor_name(t.name, self.arch)
             if name is None:
                 if t.name != "rope_freqs.weight":

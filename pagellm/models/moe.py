@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pagellm.layers.linear import Linear
+from pagellm.layers.quantization.base import as_float_tensor
 from pagellm.models.llama import LlamaForCausalLM, LlamaMLP
 from pagellm.models.qwen3 import Qwen3ForCausalLM
 
@@ -68,6 +69,27 @@ class SparseMoE(nn.Module):
         return out
 
 
+def split_stacked_experts(weights: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
+    """transformers 5's stacked expert tensors (``experts.gate_up_proj`` [E, 2I, H], gate
+    rows first, and ``experts.down_proj`` [E, H, I]) as one matrix per expert; other
+    tensors pass through."""
+    for name, tensor in weights:
+        if name.endswith(".experts.gate_up_proj"):
+            t = as_float_tensor(tensor)
+            inter = t.shape[1] // 2
+            base = name[: -len("gate_up_proj")]
+            for e in range(t.shape[0]):
+                yield f"{base}{e}.gate_proj.weight", t[e, :inter]
+                yield f"{base}{e}.up_proj.weight", t[e, inter:]
+        elif name.endswith(".experts.down_proj"):
+            t = as_float_tensor(tensor)
+            base = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                yield f"{base}{e}.down_proj.weight", t[e]
+        else:
+            yield name, tensor
+
+
 def _replace_mlps(model: LlamaForCausalLM, cfg: Any, sparse: list[bool]) -> None:
     num_experts = int(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
     top_k = int(cfg.num_experts_per_tok)
@@ -93,6 +115,9 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         ]
         _replace_mlps(self, cfg, sparse)
 
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        super().load_weights(split_stacked_experts(weights))
+
 
 class MixtralForCausalLM(LlamaForCausalLM):
     def __init__(self, cfg: Any) -> None:
@@ -110,4 +135,4 @@ class MixtralForCausalLM(LlamaForCausalLM):
                         name = name.replace(old, new)
                 yield name, tensor
 
-        super().load_weights(renamed())
+        super().load_weights(split_stacked_experts(renamed()))
