@@ -18,9 +18,10 @@ block tables, so all layers see the same cache whatever mix of prefill and decod
 
 Each attention layer declares its kind in an ``AttentionSpec`` fixed at construction:
 full, a sliding window of W positions (a token sees itself and the W - 1 before it), and
-optionally a logit soft-cap (scores become cap * tanh(score / cap)). Backends apply the
-layer's spec; they never read keys wholly outside a window, whose blocks the scheduler
-may already have freed.
+optionally a logit soft-cap (scores become cap * tanh(score / cap)). When the worker binds
+a layer's KV cache it builds the backend for that layer's constants (``Attention.bind`` ->
+``LayerAttention``); backends never read keys wholly outside a window, whose blocks the
+scheduler may already have freed.
 
 The cache may be stored in a narrower type than the run dtype (``--kv-cache-dtype``):
 bfloat16 / float16, fp8 e4m3 (values saturated at +-448, no scale, as vLLM's default),
@@ -189,6 +190,13 @@ class AttentionBackend(abc.ABC):
         """Per-step work shared by all layers (index tensors, masks)."""
         return None
 
+    def for_layer(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, spec: AttentionSpec
+    ) -> LayerAttention:
+        """This backend bound to one layer's constants (built once, when the worker binds
+        the layer's KV cache)."""
+        return LayerAttention(self, num_heads, num_kv_heads, head_dim, scale, spec)
+
     @abc.abstractmethod
     def forward(
         self,
@@ -205,6 +213,31 @@ class AttentionBackend(abc.ABC):
     ) -> torch.Tensor:
         """q[T, Hq*D], k/v[T, Hkv*D] (rows may be strided) -> out[T, Hq*D], as the layer's
         spec says (window, soft-cap)."""
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """A backend with one layer's constants: heads, head size, scale and its spec."""
+
+    backend: AttentionBackend
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    spec: AttentionSpec
+
+    def __call__(
+        self,
+        meta: AttentionMetadata,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+    ) -> torch.Tensor:
+        return self.backend.forward(
+            meta, q, k, v, cache, self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
+            self.spec,
+        )  # fmt: skip
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {}
@@ -487,11 +520,22 @@ class Attention(nn.Module):
         self.spec = spec
         # Bound by the worker once the KV cache is allocated (not parameters or buffers).
         self.kv_cache = LayerKVCache(torch.empty(0), torch.empty(0))
+        self.impl: LayerAttention | None = None
+
+    def bind(self, cache: LayerKVCache, backend: AttentionBackend) -> None:
+        """Give the layer its KV cache and the backend built for its constants."""
+        self.kv_cache = cache
+        self.impl = backend.for_layer(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.spec
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_forward_context().attn_metadata
-        assert meta.backend is not None
-        return meta.backend.forward(
-            meta, q, k, v, self.kv_cache, self.num_heads, self.num_kv_heads, self.head_dim,
-            self.scale, self.spec,
-        )  # fmt: skip
+        impl = self.impl
+        if impl is None or impl.backend is not meta.backend:
+            # Not bound by a worker (tests driving a model directly): bind to the step's.
+            assert meta.backend is not None
+            self.bind(self.kv_cache, meta.backend)
+            impl = self.impl
+            assert impl is not None
+        return impl(meta, q, k, v, self.kv_cache)

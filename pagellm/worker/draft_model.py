@@ -56,7 +56,7 @@ class DraftModel:
 
     def bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
         for layer, cache in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
-            layer.kv_cache = cache
+            layer.bind(cache, self.backend)
 
     def propose(
         self,

@@ -145,7 +145,7 @@ class ModelRunner:
     def _bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
         self.kv_caches = caches
         for layer, cache in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
-            layer.kv_cache = cache
+            layer.bind(cache, self.attn_backend)
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
