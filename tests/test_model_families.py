@@ -223,29 +223,38 @@ def test_embeddings_endpoint(server: Any, smol_llm_default: LLM) -> None:
             assert field in resp.json()["error"]["message"]
 
 
-def _write_gemma3_gguf(hf_dir: str, path: str) -> None:
-    """The tiny Gemma 3 as llama.cpp's converter writes it: F32 tensors under GGUF names,
-    norms stored as 1 + weight (no tokenizer: tests pass the HF directory's)."""
+def _gguf_writer(path: str, arch: str, cfg: Any, rope_base: float) -> Any:
+    """A GGUFWriter with the hyperparameters every architecture shares, and the vocabulary
+    size (no tokenizer: the tests pass an HF directory's, which loads faster)."""
     import gguf
-    from safetensors.torch import load_file
 
-    cfg = family_config("Gemma3ForCausalLM")
-    tensors = load_file(f"{hf_dir}/model.safetensors")
-    w = gguf.GGUFWriter(path, "gemma3")
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(hd)
+    w.add_value_length(hd)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(1_000_000.0)
+    w.add_rope_freq_base(rope_base)
+    w.add_vocab_size(cfg.vocab_size)
+    return w
+
+
+def _write_gemma3_gguf(hf_dir: str, path: str) -> None:
+    """The tiny Gemma 3 as llama.cpp's converter writes it: F32 tensors under GGUF names,
+    norms stored as 1 + weight (no tokenizer: tests pass the HF directory's)."""
+    from safetensors.torch import load_file
+
+    cfg = family_config("Gemma3ForCausalLM")
+    tensors = load_file(f"{hf_dir}/model.safetensors")
+    w = _gguf_writer(path, "gemma3", cfg, 1_000_000.0)
     w.add_sliding_window(WINDOW)
     w.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # layers 0, 2 local; 1 global
     w.add_float32("gemma3.final_logit_softcapping", cfg.final_logit_softcapping)
-    w.add_vocab_size(cfg.vocab_size)  # the tokenizer comes from the HF directory (faster)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -304,7 +313,6 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def test_moe_from_gguf_equals_hf(arch: str, tmp_path: Any, family_dirs: dict[str, str]) -> None:
     """MoE GGUF files as llama.cpp writes them: experts stacked in 3-D ``*_exps`` tensors
     (qwen3moe; Mixtral as a "llama" file with an expert count and permuted q/k rows)."""
-    import gguf
     from transformers import AutoModelForCausalLM
 
     cfg = family_config(arch)
@@ -316,23 +324,11 @@ def test_moe_from_gguf_equals_hf(arch: str, tmp_path: Any, family_dirs: dict[str
     sd = {k: v.float().numpy() for k, v in hf.state_dict().items()}
     a = "qwen3moe" if arch == "Qwen3MoeForCausalLM" else "llama"
     path = str(tmp_path / "moe.gguf")
-    w = gguf.GGUFWriter(path, a)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w = _gguf_writer(path, a, cfg, float(cfg.rope_parameters["rope_theta"]))
     w.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if a == "qwen3moe":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    w.add_vocab_size(cfg.vocab_size)  # the tokenizer comes from an HF directory (faster)
 
     def add(name: str, arr: np.ndarray) -> None:
         w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
