@@ -116,26 +116,14 @@ class RemoteServer:
 def prompt_logits(llm: Any, prompt: list[int]) -> Any:
     """The logits pagellm computes at every prompt position ([n, vocab], captured at the
     LM head during one prefill step)."""
-    from pagellm import SamplingParams
-
-    model = llm.engine.core.runner.model
-    captured: list[Any] = []
-    original = model.compute_logits
-
-    def capture(hidden: Any) -> Any:
-        out = original(hidden)
-        captured.append(out.clone())
-        return out
-
-    model.compute_logits = capture
-    try:
-        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-        llm.generate([prompt], params, use_tqdm=False)
-    finally:
-        del model.compute_logits
-    (rows,) = captured  # the sampled (last) position first, then positions 0 .. n-2
     import torch
 
+    from pagellm import SamplingParams
+
+    with captured_logits(llm) as captured:
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        llm.generate([prompt], params, use_tqdm=False)
+    (rows,) = captured  # the sampled (last) position first, then positions 0 .. n-2
     return torch.cat([rows[1:], rows[:1]])
 
 

@@ -34,7 +34,7 @@ SLID_OUT = KVBlock(block_id=0, ref_cnt=-1)
 """Stands for a block freed behind a sliding window (not part of the pool)."""
 
 
-def _held(blocks: Sequence[KVBlock]) -> list[KVBlock]:
+def held_blocks(blocks: Sequence[KVBlock]) -> list[KVBlock]:
     return [b for b in blocks if b is not SLID_OUT]
 
 
@@ -195,7 +195,7 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
         self.num_slid_out.pop(request.req_id, None)
-        self.pool.free(reversed(_held(blocks)))
+        self.pool.free(reversed(held_blocks(blocks)))
         request.block_ids = []
 
     def free_outside_window(self, request: Request, window: int) -> int:
@@ -211,15 +211,15 @@ class KVCacheManager:
             return 0
         gone = blocks[start:end]
         blocks[start:end] = [SLID_OUT] * (end - start)
-        self.pool.free(reversed(_held(gone)))
+        self.pool.free(reversed(held_blocks(gone)))
         self.num_slid_out[request.req_id] = end
-        return len(_held(gone))
+        return len(held_blocks(gone))
 
     def fork(self, parent: Request, child: Request) -> None:
         """Share every block of the parent (partial last block included) with the child."""
         blocks = self.req_to_blocks.get(parent.req_id, [])
         assert child.req_id not in self.req_to_blocks or not self.req_to_blocks[child.req_id]
-        self.pool.touch(_held(blocks))
+        self.pool.touch(held_blocks(blocks))
         self.req_to_blocks[child.req_id] = list(blocks)
         self.num_cached_blocks[child.req_id] = self.num_cached_blocks.get(parent.req_id, 0)
         if parent.req_id in self.num_slid_out:

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from pagellm.core.kv_cache_manager import SLID_OUT, KVCacheManager
+from pagellm.core.kv_cache_manager import KVCacheManager, held_blocks
 from pagellm.core.ngram_proposer import propose_ngram
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
@@ -600,7 +600,7 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (tests)."""
         self.kv.pool.check()
-        held = sum(sum(1 for x in b if x is not SLID_OUT) for b in self.kv.req_to_blocks.values())
+        held = sum(len(held_blocks(b)) for b in self.kv.req_to_blocks.values())
         refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
         assert held == refs, (held, refs)
         for r in self.running:

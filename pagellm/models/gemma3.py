@@ -17,13 +17,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pagellm.layers.linear import Linear, VocabEmbedding
+from pagellm.layers.linear import VocabEmbedding
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding
-from pagellm.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of
+from pagellm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
 
 
 def gemma3_layer_types(cfg: Any) -> list[str]:
@@ -54,26 +53,10 @@ def gemma3_rope(cfg: Any, layer_type: str) -> tuple[float, dict[str, Any] | None
     return float(getattr(cfg, "rope_theta", 1_000_000.0)), scaling
 
 
-class GeluTanhMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(
-            hidden, [intermediate, intermediate], bias=False, shard_names=["gate", "up"]
-        )
-        self.down_proj = Linear(intermediate, hidden, bias=False)
-        self.intermediate = intermediate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split([self.intermediate, self.intermediate], dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, cfg: Any, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
         super().__init__()
         act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
-        if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
-            raise ValueError(f"Gemma 3 activation {act!r} is not supported (gelu_pytorch_tanh)")
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         bias = bool(getattr(cfg, "attention_bias", False))
         # The Llama attention with q/k norms, scaled by query_pre_attn_scalar ** -0.5. Gemma
@@ -81,7 +64,7 @@ class Gemma3DecoderLayer(nn.Module):
         # (transformers ignores the field too; Gemma 2 did).
         scale = float(getattr(cfg, "query_pre_attn_scalar", head_dim_of(cfg))) ** -0.5
         self.self_attn = LlamaAttention(cfg, rotary, bias, bias, True, sliding_window, scale)
-        self.mlp = GeluTanhMLP(h, cfg.intermediate_size)
+        self.mlp = LlamaMLP(h, cfg.intermediate_size, act=act or "gelu_pytorch_tanh")
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)

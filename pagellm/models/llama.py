@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagellm.layers.activation import SiluAndMul
+from pagellm.layers.activation import GATED_ACTIVATIONS, SiluAndMul
 from pagellm.layers.attention import Attention, AttentionSpec, get_forward_context
 from pagellm.layers.linear import Linear, VocabEmbedding
 from pagellm.layers.norm import RMSNorm
@@ -97,19 +97,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, bias: bool = False) -> None:
+    """down(act(gate(x)) * up(x)), gate and up merged; also every MoE expert."""
+
+    def __init__(
+        self, hidden: int, intermediate: int, bias: bool = False, act: str = "silu"
+    ) -> None:
         super().__init__()
-        act = getattr(cfg, "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ValueError(f"activation {act!r} is not supported (only silu)")
+        if act not in GATED_ACTIVATIONS:
+            raise ValueError(
+                f"activation {act!r} is not supported ({', '.join(sorted(GATED_ACTIVATIONS))})"
+            )
         self.gate_up_proj = Linear(
-            cfg.hidden_size,
-            [cfg.intermediate_size, cfg.intermediate_size],
-            bias=bias,
-            shard_names=["gate", "up"],
+            hidden, [intermediate, intermediate], bias=bias, shard_names=["gate", "up"]
         )
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act = SiluAndMul()
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
+        self.act = GATED_ACTIVATIONS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -122,7 +124,10 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm, window)
-        self.mlp = LlamaMLP(cfg, bias=bool(getattr(cfg, "mlp_bias", False)))
+        self.mlp = LlamaMLP(
+            cfg.hidden_size, cfg.intermediate_size, bool(getattr(cfg, "mlp_bias", False)),
+            getattr(cfg, "hidden_act", "silu"),
+        )  # fmt: skip
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -319,6 +324,8 @@ def build_native_stack(model: Any) -> tuple[Any, Any] | None:
         return None
     descs = (native.LayerDesc * len(layers))()
     keep: list[Any] = []
+    if not all(isinstance(getattr(layer.mlp, "act", None), SiluAndMul) for layer in layers):
+        return None  # the stack's MLP is SiLU-gated
     for i, layer in enumerate(layers):
         a, m = layer.self_attn, layer.mlp
         d = descs[i]

@@ -24,15 +24,6 @@ from pagellm.models.llama import LlamaForCausalLM, LlamaMLP
 from pagellm.models.qwen3 import Qwen3ForCausalLM
 
 
-class _ExpertConfig:
-    """The fields LlamaMLP reads, for one expert."""
-
-    def __init__(self, hidden: int, intermediate: int, act: str) -> None:
-        self.hidden_size = hidden
-        self.intermediate_size = intermediate
-        self.hidden_act = act
-
-
 class SparseMoE(nn.Module):
     def __init__(
         self, hidden: int, intermediate: int, num_experts: int, top_k: int, renormalize: bool,
@@ -44,8 +35,9 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = Linear(hidden, num_experts, bias=False, role="router")
-        ecfg = _ExpertConfig(hidden, intermediate, act)
-        self.experts = nn.ModuleList(LlamaMLP(ecfg) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            LlamaMLP(hidden, intermediate, act=act) for _ in range(num_experts)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.gate(x).float(), dim=-1)

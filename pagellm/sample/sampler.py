@@ -258,8 +258,7 @@ class Sampler:
             final_rows.append(starts[i] + k)
         fr = torch.tensor(final_rows, dtype=torch.long, device=probs.device)
         final = probs.index_select(0, fr)
-        refused = [j for j, (i, r) in enumerate(zip(range(len(drafts)), final_rows))
-                   if r - starts[i] < len(drafts[i])]  # fmt: skip
+        refused = [i for i, r in enumerate(final_rows) if r - starts[i] < len(drafts[i])]
         if refused:
             idx = torch.tensor(refused, device=probs.device)
             refused_tok = draft_t.index_select(0, fr.index_select(0, idx))

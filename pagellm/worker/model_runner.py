@@ -292,7 +292,8 @@ class ModelRunner:
         pooling = [i for i, s in enumerate(states) if s.sampling_params.pooling is not None]
         sample_req_idx = np.nonzero(seq_lens - spec_lens == num_tokens)[0].tolist()
         if pooling:  # embedding requests pool their hidden states instead of sampling
-            sample_req_idx = [i for i in sample_req_idx if i not in set(pooling)]
+            pooled_rows = set(pooling)
+            sample_req_idx = [i for i in sample_req_idx if i not in pooled_rows]
         logits_rows = [
             r for i in sample_req_idx for r in range(int(qsl[i + 1] - 1 - spec_lens[i]), int(qsl[i + 1]))
         ]  # fmt: skip
@@ -340,15 +341,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, lrows))  # type: ignore[operator]
             sample_states = [states[i] for i in sample_req_idx]
             drafts = [spec_map.get(s.req_id, []) for s in sample_states]
-            n_rows = len(sample_states) + sum(len(d) for d in drafts)
+            # Each sampling request's first sampler row (1 + its proposals rows each).
+            row_of = np.cumsum([0] + [len(d) + 1 for d in drafts]).tolist()
+            n_rows = row_of.pop()
             if sample_states:
                 smeta = self._sampling_metadata(sample_states, drafts)
                 if sched.structured_req_ids:
-                    first = {}
-                    r = 0
-                    for st, d in zip(sample_states, drafts):
-                        first[st.req_id] = r
-                        r += len(d) + 1
+                    first = {st.req_id: r for st, r in zip(sample_states, row_of)}
                     assert sched.structured_bitmask is not None
                     smeta.token_bitmask = torch.from_numpy(sched.structured_bitmask).to(dev)
                     smeta.bitmask_rows = torch.tensor(
@@ -360,12 +359,8 @@ class ModelRunner:
                 else:
                     out = self.sampler(logits[:n_rows], smeta)
                     token_lists = [[t] for t in out.sampled.tolist()]
-                row_of = []  # the first sampler row of each sampling request
-                r = 0
                 for j, i in enumerate(sample_req_idx):
                     sampled_lists[i] = token_lists[j]
-                    row_of.append(r)
-                    r += len(drafts[j]) + 1
                 if out.logprobs is not None:
                     logprobs_out = [None] * B
                     ids = out.logprob_token_ids.tolist()  # type: ignore[union-attr]
