@@ -106,9 +106,6 @@ class SchedulerConfig:
     """Copy of ModelConfig.max_model_len (the scheduler imports nothing from models)."""
     policy: str = "fcfs"
     """fcfs (arrival order) or priority (lowest ``priority`` value first, then arrival)."""
-    sliding_window: int | None = None
-    """Set when every attention layer slides (the largest window): blocks behind the
-    window are freed as a request advances. None: some layer sees the whole context."""
 
 
 @dataclass(frozen=True)

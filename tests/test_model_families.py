@@ -136,27 +136,32 @@ def test_chunked_batched_decode_and_prefix_hits_equal_hf(
 
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Gemma3ForCausalLM"])
 def test_blocks_behind_the_window_are_freed(arch: str, family_dirs: dict[str, str]) -> None:
-    """Every layer slides (Mixtral): a long generation holds a bounded number of blocks.
-    Gemma 3 has a full-attention layer: nothing may be freed, and the plan says so."""
+    """A long generation holds a bounded number of each sliding layer's blocks: Mixtral
+    (every layer slides: one KV cache group) and Gemma 3 (local, global, local: a group
+    per layer, the global one keeping the whole length)."""
     path = family_dirs[arch]
     llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
     engine = llm.engine
     engine.add_request("long", {"prompt_token_ids": _prompt(20, 3)},
                        SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))  # fmt: skip
     scheduler = engine.core.scheduler
-    most = 0
+    windows = engine.plan.layout.windows
+    assert windows == ((WINDOW,) if arch == "MixtralForCausalLM" else (None, WINDOW, WINDOW))
+    # A block is a page over the slots: all 3 layers (Mixtral), one per group (Gemma 3).
+    slots = 3 if arch == "MixtralForCausalLM" else 1
+    hd = 32
+    assert engine.plan.kv_bytes_per_token == slots * 2 * 2 * hd * 4
+    most = [0] * len(windows)
     while engine.has_unfinished_requests():
         engine.step()
-        held = scheduler.kv.req_to_blocks.get("long")
-        if held:
-            most = max(most, sum(1 for b in held if b.ref_cnt > 0))
+        for g, held in enumerate(scheduler.kv.req_to_blocks.get("long", ())):
+            most[g] = max(most[g], sum(1 for b in held if b.ref_cnt > 0))
         scheduler.check_invariants()
-    if arch == "MixtralForCausalLM":
-        assert engine.plan.sliding_window == WINDOW
-        assert most <= WINDOW // 4 + 3, most
-    else:
-        assert engine.plan.sliding_window is None
-        assert most >= (20 + 150) // 4
+    for window, n in zip(windows, most):
+        if window is None:
+            assert n >= (20 + 150) // 4
+        else:
+            assert n <= WINDOW // 4 + 3, most
     assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
 
 
@@ -368,3 +373,81 @@ def test_moe_from_gguf_equals_hf(arch: str, tmp_path: Any, family_dirs: dict[str
     torch.testing.assert_close(
         prompt_logits(llm, prompt), hf_logits(hf, prompt), atol=TOL, rtol=TOL
     )
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_phi3_from_gguf(qtype: str, family_dirs: dict[str, str], tmp_path: Any) -> None:
+    """Phi-3 as llama.cpp's converter writes it: fused attn_qkv and ffn_up (gate then up),
+    LongRoPE factors as tensors, the window in the metadata. F32 equals transformers; a
+    Q8_0 file keeps its blocks through the split (rows of whole blocks) and differs from
+    its own dequantized reference only by the activations' quantization."""
+    import gguf
+    from safetensors.torch import load_file
+
+    hf_dir = family_dirs["Phi3ForCausalLM"]
+    cfg = family_config("Phi3ForCausalLM")
+    rope = cfg.rope_parameters
+    sd = {k: v.float().numpy() for k, v in load_file(f"{hf_dir}/model.safetensors").items()}
+    path = str(tmp_path / f"phi3-{qtype}.gguf")
+    w = _gguf_writer(path, "phi3", cfg, float(rope["rope_theta"]))
+    w.add_sliding_window(WINDOW)
+    w.add_rope_dimension_count(32)
+    w.add_uint32("phi3.rope.scaling.original_context_length", cfg.original_max_position_embeddings)
+    w.add_float32("phi3.rope.scaling.attn_factor", 1.5)
+    w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for name, arr in sd.items():
+        if name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            out = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm",
+                   "lm_head.weight": "output"}[name]  # fmt: skip
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            out = f"blk.{layer}.{names[rest.removesuffix('.weight')]}"
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if qtype == "Q8_0" and out.startswith("blk.") and arr.ndim == 2:
+            kind = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(f"{out}.weight", gguf.quants.quantize(arr, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(f"{out}.weight", arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    llm = LLM(path, tokenizer=hf_dir, dtype="float32", block_size=4, kv_cache_memory=8 << 20)
+    got = llm.engine.config.model.hf_config
+    assert got.sliding_window == WINDOW and got.original_max_position_embeddings == 128
+    params = got.rope_parameters
+    assert params["long_factor"] == pytest.approx(rope["long_factor"])
+    assert params["short_factor"] == pytest.approx(rope["short_factor"])
+    prompt = _prompt(4 * WINDOW, 5)  # past the window, inside the short factors' range
+    logits = prompt_logits(llm, prompt)
+    if qtype == "F32":
+        # The attention factor written above (1.5) replaces the default sqrt(1 + ln 4 / ln 128).
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        ref_cfg = AutoConfig.from_pretrained(hf_dir)
+        ref_cfg.rope_parameters["attention_factor"] = 1.5
+        hf = AutoModelForCausalLM.from_pretrained(
+            hf_dir, config=ref_cfg, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=TOL, rtol=TOL)
+        return
+    ref = LLM(path, tokenizer=hf_dir, dtype="float32", quantization="none", block_size=4,
+              kv_cache_memory=8 << 20)  # fmt: skip
+    layer = llm.engine.core.runner.model.model.layers[0]
+    ref_layer = ref.engine.core.runner.model.model.layers[0]
+    torch.manual_seed(0)
+    for name in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        # The fused tensors' shards stay Q8_0 blocks, and compute what the dequantized
+        # weights do up to the activations' int8 rounding.
+        lin, ref_lin = layer.get_submodule(name), ref_layer.get_submodule(name)
+        assert lin.method.name == "gguf" and ref_lin.method.name == "none"
+        x = torch.randn(5, cfg.hidden_size)
+        got, want = lin(x), ref_lin(x)
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), name
+    want = prompt_logits(ref, prompt)
+    assert (logits - want).abs().mean() < 0.1 * want.abs().mean()

@@ -1,24 +1,28 @@
-"""KVCacheManager: which KV blocks each request holds.
+"""KVCacheManager: which KV blocks each request holds, per KV cache group.
 
 Contract with the scheduler:
 
-* ``get_computed_blocks(req)`` finds the longest run of cached full blocks matching the
-  request's tokens (always leaving the last token to compute, so there are logits).
+* ``get_computed_blocks(req)`` finds the longest prefix of the request's tokens whose
+  KV is cached in every group (always leaving the last token to compute, so there are
+  logits), and returns each group's hit blocks.
 * ``allocate_slots(req, n, hits)`` makes room for ``n`` more tokens after the already
-  computed ones, taking the hit blocks first; it returns None (changing nothing) when
-  the pool cannot hold them, and the scheduler then preempts.
+  computed ones in every group, taking the hit blocks first; it returns None (changing
+  nothing) when the pool cannot hold them, and the scheduler then preempts.
 * ``free(req)`` drops the request's references at once.
 * ``fork(parent, child)`` gives the child every block of the parent by reference; the
   first write into a block that is shared is preceded by a copy (copy-on-write). Copies
   are queued in ``pending_copies`` and travel to the worker in the next SchedulerOutput.
 
-Block i of a request holds token positions [i * block_size, (i + 1) * block_size).
+Groups (see core/kv_groups.py) share one block pool; each request holds one list of
+blocks per group, all as long as each other: block i of every group's list holds token
+positions [i * block_size, (i + 1) * block_size) for that group's layers.
 
-Sliding-window models whose every layer slides (``free_outside_window``): a block wholly
-before the window of the next token to compute is freed at once and its place in the
-request's list is taken by ``SLID_OUT`` (never read again: attention skips it), so a
-long generation holds a bounded number of blocks. A freed block that was full stays in
-the prefix cache like any other.
+Sliding-window groups (``free_outside_windows``): a block wholly before the window of
+the next token to compute is freed at once and its place in the request's list is taken
+by ``SLID_OUT`` (never read again: attention skips it), so a long generation holds a
+bounded number of that group's blocks. A freed block that was full stays in the prefix
+cache like any other. A prefix-cache hit on a sliding group needs only the blocks inside
+the window of the first token to compute; the ones before it come back as ``SLID_OUT``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pagellm.core.block_pool import BlockPool, KVBlock, hash_block_tokens
+from pagellm.core.block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
 from pagellm.core.request import Request
 from pagellm.utils import cdiv
 
@@ -48,20 +52,35 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        group_windows: Sequence[int | None] = (None,),
+    ) -> None:
+        if not group_windows:
+            raise ValueError("at least one KV cache group is needed")
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.windows = tuple(group_windows)
+        """Each group's sliding window (None: full attention)."""
         self.pool = BlockPool(num_blocks, enable_caching)
-        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self.req_to_blocks: dict[str, list[list[KVBlock]]] = {}
         # How many leading blocks of each request are registered in the prefix cache, so
         # that a step looks only at the blocks filled since (not the whole list).
         self.num_cached_blocks: dict[str, int] = {}
         self.pending_copies: list[tuple[int, int]] = []
-        # Leading blocks of each request freed behind a sliding window.
-        self.num_slid_out: dict[str, int] = {}
-        # (index in the block table, new block id) of the last allocate_slots' copies.
-        self.last_replaced: list[tuple[int, int]] = []
+        # Per request and group: leading blocks freed behind a sliding window.
+        self.num_slid_out: dict[str, list[int]] = {}
+        # (group, index in its block table, new block id) of the last allocate_slots'
+        # copy-on-write replacements.
+        self.last_replaced: list[tuple[int, int, int]] = []
         self.prefix_stats = PrefixCacheStats()
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.windows)
 
     @property
     def num_blocks(self) -> int:
@@ -71,7 +90,18 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
+    def blocks_of(self, req_id: str) -> list[KVBlock]:
+        """Every block the request holds, all groups together (SLID_OUT left out)."""
+        return [b for blocks in self.req_to_blocks.get(req_id, ()) for b in held_blocks(blocks)]
+
+    def _empty(self) -> list[list[KVBlock]]:
+        return [[] for _ in self.windows]
+
     # ---- prefix cache --------------------------------------------------------------
+
+    def _key(self, group: int, block_hash: BlockHash) -> BlockHash:
+        """The cache key of a group's block: the same tokens differ per group."""
+        return block_hash if group == 0 else block_hash + group.to_bytes(2, "little")
 
     def _update_block_hashes(self, request: Request) -> None:
         bs = self.block_size
@@ -84,34 +114,59 @@ class KVCacheManager:
                 hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_key)
             )
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Cached blocks matching the request's leading tokens, and how many tokens they hold."""
+    def _first_visible_block(self, group: int, num_tokens: int) -> int:
+        """The first block the token at position ``num_tokens`` can see in this group."""
+        window = self.windows[group]
+        if window is None:
+            return 0
+        return max(num_tokens + 1 - window, 0) // self.block_size
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[list[KVBlock]], int]:
+        """Each group's cached blocks for the request's leading tokens, and how many
+        tokens they hold (the same count for every group)."""
         if not self.enable_caching or request.needs_every_position:
             # Prompt logprobs (mean pooling) need every prompt position: none is skipped.
-            return [], 0
+            return self._empty(), 0
         self._update_block_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[KVBlock] = []
-        for block_hash in request.block_hashes[:max_blocks]:
-            block = self.pool.get_cached_block(block_hash)
-            if block is None:
+        hashes = request.block_hashes[: (request.num_tokens - 1) // self.block_size]
+        found: list[list[KVBlock | None]] = []
+        n = len(hashes)
+        for g, window in enumerate(self.windows):
+            found.append([self.pool.get_cached_block(self._key(g, h)) for h in hashes[:n]])
+            if window is None:  # full attention: the leading run of hits
+                n = next((i for i, b in enumerate(found[g]) if b is None), n)
+        # A sliding group needs the blocks in the window of the first token to compute:
+        # move the hit length down past the highest missing one until none is.
+        sliding = [g for g, w in enumerate(self.windows) if w is not None]
+        while n > 0:
+            missing = [
+                i
+                for g in sliding
+                for i in range(self._first_visible_block(g, n * self.block_size), n)
+                if found[g][i] is None
+            ]
+            if not missing:
                 break
-            hits.append(block)
+            n = max(missing)
+        hits: list[list[KVBlock]] = []
+        for g in range(self.num_groups):
+            first = self._first_visible_block(g, n * self.block_size)
+            hits.append([SLID_OUT] * first + [b for b in found[g][first:n] if b is not None])
         self.prefix_stats.requests += 1
         self.prefix_stats.queries += request.num_tokens
-        self.prefix_stats.hits += len(hits) * self.block_size
-        return hits, len(hits) * self.block_size
+        self.prefix_stats.hits += n * self.block_size
+        return hits, n * self.block_size
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_caching:
             return
         self._update_block_hashes(request)
-        blocks = self.req_to_blocks[request.req_id]
         done = self.num_cached_blocks.get(request.req_id, 0)
         full = min(num_tokens // self.block_size, len(request.block_hashes))
-        for i in range(done, full):
-            if blocks[i].block_hash is None:
-                self.pool.cache_block(blocks[i], request.block_hashes[i])
+        for g, blocks in enumerate(self.req_to_blocks[request.req_id]):
+            for i in range(done, full):
+                if blocks[i] is not SLID_OUT and blocks[i].block_hash is None:
+                    self.pool.cache_block(blocks[i], self._key(g, request.block_hashes[i]))
         self.num_cached_blocks[request.req_id] = max(done, full)
 
     # ---- allocate / free -----------------------------------------------------------
@@ -120,111 +175,129 @@ class KVCacheManager:
         self,
         request: Request,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[KVBlock] = (),
+        new_computed_blocks: Sequence[Sequence[KVBlock]] | None = None,
         num_lookahead: int = 0,
-    ) -> list[int] | None:
+    ) -> list[list[int]] | None:
         """Make room for num_new_tokens after the computed ones; None if they do not fit.
 
-        On success the request's ``block_ids`` are updated in place and the ids of newly
-        taken blocks returned (``last_replaced`` lists the copy-on-write replacements). Blocks that will be full once this step ran are registered in
-        the prefix cache right away: the forward pass writes every layer's K/V before
-        any attention reads it, so a request scheduled later in the same step may
-        already share them. Only blocks full of the request's own (verified) tokens are
-        registered: speculative proposals never enter the prefix cache.
+        On success the request's ``block_ids`` are updated in place and the ids of the
+        blocks appended to each group's table returned (``last_replaced`` lists the
+        copy-on-write replacements). Blocks that will be full once this step ran are
+        registered in the prefix cache right away: the forward pass writes every layer's
+        K/V before any attention reads it, so a request scheduled later in the same step
+        may already share them. Only blocks full of the request's own (verified) tokens
+        are registered: speculative proposals never enter the prefix cache.
 
         ``num_lookahead`` more slots are held past the new tokens without being computed
         by this step (a draft model writes its proposals' KV there).
         """
         bs = self.block_size
-        blocks = self.req_to_blocks.setdefault(request.req_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * bs
+        hits = new_computed_blocks or self._empty()
+        num_hits = len(hits[0])
+        groups = self.req_to_blocks.get(request.req_id) or self._empty()
+        num_computed = request.num_computed_tokens + num_hits * bs
         num_total = num_computed + num_new_tokens
         num_held = num_total + num_lookahead
         # Shared blocks we are about to write into need a private copy first.
         first_write = num_computed // bs
         cow = [
-            i
-            for i in range(first_write, min(len(blocks), cdiv(num_held, bs)))
-            if blocks[i].ref_cnt > 1
-        ]
-        num_new_blocks = cdiv(num_held, bs) - len(blocks) - len(new_computed_blocks)
-        num_new_blocks = max(num_new_blocks, 0)
-        reusable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if num_new_blocks + len(cow) > self.pool.num_free_blocks - reusable_hits:
+            [i for i in range(first_write, min(len(blocks), cdiv(num_held, bs)))
+             if blocks[i].ref_cnt > 1]
+            for blocks in groups
+        ]  # fmt: skip
+        num_new_blocks = max(cdiv(num_held, bs) - len(groups[0]) - num_hits, 0)
+        need = self.num_groups * num_new_blocks + sum(map(len, cow))
+        reusable_hits = sum(1 for h in hits for b in held_blocks(h) if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - reusable_hits:
             return None
-        self.pool.touch(new_computed_blocks)
-        blocks.extend(new_computed_blocks)
-        ids = request.block_ids
-        if len(ids) != len(blocks) - len(new_computed_blocks):
-            ids[:] = [b.block_id for b in blocks[: len(blocks) - len(new_computed_blocks)]]
-        ids.extend(b.block_id for b in new_computed_blocks)
-        new_ids: list[int] = []
+        if num_hits:
+            slid = self.num_slid_out.setdefault(request.req_id, [0] * self.num_groups)
+        self.req_to_blocks[request.req_id] = groups
+        if len(request.block_ids) != self.num_groups:
+            request.block_ids = [[] for _ in self.windows]
+        appended: list[list[int]] = []
         self.last_replaced = []
-        for i in cow:
-            (copy,) = self.pool.allocate(1)
-            self.pending_copies.append((blocks[i].block_id, copy.block_id))
-            self.pool.free([blocks[i]])
-            blocks[i] = copy
-            ids[i] = copy.block_id
-            new_ids.append(copy.block_id)
-            self.last_replaced.append((i, copy.block_id))
-        fresh = self.pool.allocate(num_new_blocks)
-        blocks.extend(fresh)
-        fresh_ids = [b.block_id for b in fresh]
-        ids.extend(fresh_ids)
-        new_ids.extend(fresh_ids)
+        for hit in hits:  # every group's hits before any allocation can evict them
+            self.pool.touch(held_blocks(hit))
+        for g, blocks in enumerate(groups):
+            if num_hits:
+                slid[g] = max(slid[g], sum(1 for b in hits[g] if b is SLID_OUT))
+            blocks.extend(hits[g])
+            ids = request.block_ids[g]
+            if len(ids) != len(blocks) - num_hits:
+                ids[:] = [b.block_id for b in blocks[: len(blocks) - num_hits]]
+            ids.extend(b.block_id for b in hits[g])
+            for i in cow[g]:
+                (copy,) = self.pool.allocate(1)
+                self.pending_copies.append((blocks[i].block_id, copy.block_id))
+                self.pool.free([blocks[i]])
+                blocks[i] = copy
+                ids[i] = copy.block_id
+                self.last_replaced.append((g, i, copy.block_id))
+            fresh = self.pool.allocate(num_new_blocks)
+            blocks.extend(fresh)
+            fresh_ids = [b.block_id for b in fresh]
+            ids.extend(fresh_ids)
+            appended.append(fresh_ids)
         self._cache_full_blocks(request, min(num_total, request.num_tokens))
-        return new_ids
+        return appended
 
     def trim(self, request: Request, num_tokens: int) -> int | None:
         """Free the request's blocks past those holding its first ``num_tokens`` positions
         (after speculative proposals were rejected); the number of blocks kept, or None
         when there was nothing to free."""
-        blocks = self.req_to_blocks.get(request.req_id)
+        groups = self.req_to_blocks.get(request.req_id)
         keep = cdiv(num_tokens, self.block_size)
-        if not blocks or len(blocks) <= keep:
+        if not groups or len(groups[0]) <= keep:
             return None
-        dropped = blocks[keep:]
-        del blocks[keep:]
-        del request.block_ids[keep:]
-        assert all(b.block_hash is None for b in dropped), "a cached block held proposals"
-        self.pool.free(reversed(dropped))
+        for blocks, ids in zip(groups, request.block_ids):
+            dropped = held_blocks(blocks[keep:])
+            del blocks[keep:]
+            del ids[keep:]
+            assert all(b.block_hash is None for b in dropped), "a cached block held proposals"
+            self.pool.free(reversed(dropped))
         return keep
 
     def free(self, request: Request) -> None:
-        blocks = self.req_to_blocks.pop(request.req_id, [])
+        groups = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
         self.num_slid_out.pop(request.req_id, None)
-        self.pool.free(reversed(held_blocks(blocks)))
-        request.block_ids = []
+        for blocks in groups:
+            self.pool.free(reversed(held_blocks(blocks)))
+        request.block_ids = [[] for _ in self.windows]
 
-    def free_outside_window(self, request: Request, window: int) -> int:
-        """Free the request's blocks that no token from its next one on can see (every
-        layer attends to the last ``window`` positions only); returns how many."""
-        blocks = self.req_to_blocks.get(request.req_id)
-        if not blocks:
+    def free_outside_windows(self, request: Request) -> int:
+        """Free, in every sliding group, the request's blocks that no token from its
+        next one on can see; returns how many."""
+        groups = self.req_to_blocks.get(request.req_id)
+        if not groups:
             return 0
-        first_visible = request.num_computed_tokens + 1 - window
-        end = min(max(first_visible, 0) // self.block_size, len(blocks))
-        start = self.num_slid_out.get(request.req_id, 0)
-        if end <= start:
-            return 0
-        gone = blocks[start:end]
-        blocks[start:end] = [SLID_OUT] * (end - start)
-        self.pool.free(reversed(held_blocks(gone)))
-        self.num_slid_out[request.req_id] = end
-        return len(held_blocks(gone))
+        slid = self.num_slid_out.setdefault(request.req_id, [0] * self.num_groups)
+        freed = 0
+        for g, blocks in enumerate(groups):
+            if self.windows[g] is None:
+                continue
+            end = min(self._first_visible_block(g, request.num_computed_tokens), len(blocks))
+            if end <= slid[g]:
+                continue
+            gone = held_blocks(blocks[slid[g] : end])
+            blocks[slid[g] : end] = [SLID_OUT] * (end - slid[g])
+            self.pool.free(reversed(gone))
+            slid[g] = end
+            freed += len(gone)
+        return freed
 
     def fork(self, parent: Request, child: Request) -> None:
         """Share every block of the parent (partial last block included) with the child."""
-        blocks = self.req_to_blocks.get(parent.req_id, [])
-        assert child.req_id not in self.req_to_blocks or not self.req_to_blocks[child.req_id]
-        self.pool.touch(held_blocks(blocks))
-        self.req_to_blocks[child.req_id] = list(blocks)
+        groups = self.req_to_blocks.get(parent.req_id) or self._empty()
+        assert not any(self.req_to_blocks.get(child.req_id, ()))
+        for blocks in groups:
+            self.pool.touch(held_blocks(blocks))
+        self.req_to_blocks[child.req_id] = [list(blocks) for blocks in groups]
         self.num_cached_blocks[child.req_id] = self.num_cached_blocks.get(parent.req_id, 0)
         if parent.req_id in self.num_slid_out:
-            self.num_slid_out[child.req_id] = self.num_slid_out[parent.req_id]
-        child.block_ids = [b.block_id for b in blocks]
+            self.num_slid_out[child.req_id] = list(self.num_slid_out[parent.req_id])
+        child.block_ids = [[b.block_id for b in blocks] for blocks in groups]
         child.block_hashes = list(parent.block_hashes)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:

@@ -83,7 +83,8 @@ class Request:
         self.fork_parent: Request | None = None
         # Tokens are chosen outside the sampler (beam search): the scheduler appends them.
         self.external_tokens = sampling_params.use_beam_search
-        self.block_ids: list[int] = []
+        self.block_ids: list[list[int]] = []
+        """One list per KV cache group (empty until the KV cache manager allocates)."""
         # Speculative decoding: tokens proposed for the next step (not yet verified, not
         # part of all_token_ids).
         self.spec_token_ids: list[int] = []
@@ -185,5 +186,5 @@ class Request:
     def __repr__(self) -> str:
         return (
             f"Request({self.req_id!r}, status={self.status.name}, "
-            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_ids)})"
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, blocks={len(self.block_ids[0]) if self.block_ids else 0})"
         )

@@ -25,7 +25,8 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_ids: list[list[int]]
+    """Its block table, one per KV cache group."""
     num_computed_tokens: int
     lora_request: LoRARequest | None = None
 
@@ -35,10 +36,11 @@ class CachedRequestData:
     """A request the worker already holds: only what changed."""
 
     req_id: str
-    new_block_ids: list[int]
-    """Blocks appended to the request's block table this step."""
-    replaced_blocks: list[tuple[int, int]] = field(default_factory=list)
-    """(index in block table, new block id) pairs after copy-on-write."""
+    new_block_ids: list[list[int]]
+    """Blocks appended to the request's block table this step, per KV cache group
+    (every group appends as many)."""
+    replaced_blocks: list[tuple[int, int, int]] = field(default_factory=list)
+    """(group, index in its block table, new block id) after copy-on-write."""
     num_computed_tokens: int = 0
     num_blocks_kept: int | None = None
     """Set when trailing blocks were freed (rejected proposals): the worker keeps this

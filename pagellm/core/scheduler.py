@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from pagellm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from pagellm.core.kv_cache_manager import KVCacheManager, held_blocks
+from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.ngram_proposer import propose_ngram
 from pagellm.core.request import Request, RequestStatus
 from pagellm.core.sched_output import (
@@ -62,7 +62,10 @@ class Scheduler:
         structured: StructuredOutputManager | None = None,
         max_loras: int = 0,
         speculative: SpeculativeConfig | None = None,
+        kv_group_windows: Sequence[int | None] = (None,),
     ) -> None:
+        """``kv_group_windows``: each KV cache group's sliding window (None: full
+        attention), as the worker's memory plan laid the groups out."""
         self.config = scheduler_config
         # Speculative decoding (None: off) and its counters since start-up.
         self.spec = speculative
@@ -73,8 +76,9 @@ class Scheduler:
         self.max_loras = max_loras
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
-        )
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+            kv_group_windows,
+        )  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -289,8 +293,7 @@ class Scheduler:
                 spec = self._spec_to_verify(request, budget - 1, spec_masks)
                 num_new += len(spec)
             lookahead = self._draft_lookahead(request, num_new, spec_on)
-            if self.config.sliding_window:
-                self.kv.free_outside_window(request, self.config.sliding_window)
+            self.kv.free_outside_windows(request)
             new_block_ids = self.kv.allocate_slots(request, num_new, num_lookahead=lookahead)
             while new_block_ids is None:
                 victim = self._pick_victim(i)
@@ -311,13 +314,11 @@ class Scheduler:
             budget -= num_new
             known = self._worker_known.get(request.req_id)
             if known is not None:
-                replaced = self.kv.last_replaced
-                appended = len(new_block_ids) - len(replaced)
                 cached_reqs.append(
                     CachedRequestData(
                         req_id=request.req_id,
-                        new_block_ids=new_block_ids[len(replaced) :] if appended else [],
-                        replaced_blocks=replaced,
+                        new_block_ids=new_block_ids,
+                        replaced_blocks=self.kv.last_replaced,
                         num_computed_tokens=request.num_computed_tokens,
                         new_token_ids=request.all_token_ids[known:],
                         num_blocks_kept=self._trimmed.pop(request.req_id, None),
@@ -494,7 +495,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             sampling_params=request.sampling_params,
-            block_ids=list(request.block_ids),
+            block_ids=[list(ids) for ids in request.block_ids],
             num_computed_tokens=request.num_computed_tokens,
             lora_request=request.lora_request,
         )
@@ -600,12 +601,13 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Assert the bookkeeping is consistent (tests)."""
         self.kv.pool.check()
-        held = sum(len(held_blocks(b)) for b in self.kv.req_to_blocks.values())
+        held = sum(len(self.kv.blocks_of(r)) for r in self.kv.req_to_blocks)
         refs = sum(b.ref_cnt for b in self.kv.pool.blocks)
         assert held == refs, (held, refs)
         for r in self.running:
             assert r.status == RequestStatus.RUNNING
-            assert len(r.block_ids) * self.block_size >= r.num_computed_tokens
+            assert len({len(ids) for ids in r.block_ids}) == 1, "group block tables differ"
+            assert len(r.block_ids[0]) * self.block_size >= r.num_computed_tokens
         for r in self.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert not self.kv.req_to_blocks.get(r.req_id)
+            assert not self.kv.blocks_of(r.req_id)

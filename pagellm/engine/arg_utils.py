@@ -47,14 +47,10 @@ _DTYPE_ALIASES = {
 }
 
 
-def _all_layers_window(hf_config: Any, arch: str) -> int | None:
-    """The largest sliding window when every attention layer has one, else None."""
+def _has_sliding_window(hf_config: Any, arch: str) -> bool:
     from pagellm.models.registry import attention_windows
 
-    windows = attention_windows(hf_config, arch)
-    if not windows or any(w is None for w in windows):
-        return None
-    return max(w for w in windows if w is not None)
+    return any(w is not None for w in attention_windows(hf_config, arch))
 
 
 @strict_kwargs
@@ -274,7 +270,6 @@ class EngineArgs:
                 max_num_batched_tokens=budget,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,
-                sliding_window=_all_layers_window(hf_config, arch),
             ),
             device=DeviceConfig(
                 device=device,
@@ -354,12 +349,12 @@ class EngineArgs:
         path = spec.get("model")
         if not path:
             raise ValueError("speculative_config: method draft_model needs a model path")
-        if _all_layers_window(target.hf_config, target.architecture):
-            # Blocks behind the target's window are freed, and a draft reads and writes
-            # its own KV through the same block table.
+        if _has_sliding_window(target.hf_config, target.architecture):
+            # Blocks behind the target's windows are freed, and a draft reads and writes
+            # its own KV through the target's block table.
             raise ValueError(
-                "speculative_config: draft_model is not supported with a target whose every "
-                "layer has a sliding window (its blocks behind the window are freed); use ngram"
+                "speculative_config: draft_model is not supported with a target that has "
+                "sliding-window layers (their blocks behind the window are freed); use ngram"
             )
         return SpeculativeConfig(
             "draft_model", k, draft=self._draft_model_config(str(path), spec, target),

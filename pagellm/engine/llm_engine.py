@@ -66,7 +66,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler, config.cache, self.plan.num_blocks, self.structured,
             max_loras=config.lora.max_loras if config.lora is not None else 0,
-            speculative=config.speculative,
+            speculative=config.speculative, kv_group_windows=self.plan.layout.windows,
         )  # fmt: skip
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self._lora_to_remove: set[int] = set()

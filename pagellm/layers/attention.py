@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -141,15 +141,22 @@ class LayerKVCache:
 @dataclass
 class ForwardContext:
     attn_metadata: AttentionMetadata
+    """KV cache group 0's (the step's shape: tokens, sequences, lengths)."""
+    group_metadata: Sequence[AttentionMetadata]
+    """One per KV cache group: the same step through that group's block tables."""
 
 
 _FORWARD_CONTEXT: ContextVar[ForwardContext | None] = ContextVar("pagellm_forward", default=None)
 
 
 @contextmanager
-def set_forward_context(attn_metadata: AttentionMetadata) -> Iterator[None]:
-    """The per-step state every attention layer reads; set only around a forward pass."""
-    token = _FORWARD_CONTEXT.set(ForwardContext(attn_metadata))
+def set_forward_context(
+    attn_metadata: AttentionMetadata | Sequence[AttentionMetadata],
+) -> Iterator[None]:
+    """The per-step state every attention layer reads; set only around a forward pass.
+    A list gives one metadata per KV cache group (core/kv_groups.py)."""
+    metas = [attn_metadata] if isinstance(attn_metadata, AttentionMetadata) else attn_metadata
+    token = _FORWARD_CONTEXT.set(ForwardContext(metas[0], metas))
     try:
         yield
     finally:
@@ -521,21 +528,25 @@ class Attention(nn.Module):
         # Bound by the worker once the KV cache is allocated (not parameters or buffers).
         self.kv_cache = LayerKVCache(torch.empty(0), torch.empty(0))
         self.impl: LayerAttention | None = None
+        self.kv_group = 0
+        """The KV cache group whose block tables address this layer's cache."""
 
-    def bind(self, cache: LayerKVCache, backend: AttentionBackend) -> None:
-        """Give the layer its KV cache and the backend built for its constants."""
+    def bind(self, cache: LayerKVCache, backend: AttentionBackend, group: int = 0) -> None:
+        """Give the layer its KV cache (its group's slot), the group whose block tables
+        address it, and the backend built for its constants."""
         self.kv_cache = cache
+        self.kv_group = group
         self.impl = backend.for_layer(
             self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.spec
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        meta = get_forward_context().attn_metadata
+        meta = get_forward_context().group_metadata[self.kv_group]
         impl = self.impl
         if impl is None or impl.backend is not meta.backend:
             # Not bound by a worker (tests driving a model directly): bind to the step's.
             assert meta.backend is not None
-            self.bind(self.kv_cache, meta.backend)
+            self.bind(self.kv_cache, meta.backend, self.kv_group)
             impl = self.impl
             assert impl is not None
         return impl(meta, q, k, v, self.kv_cache)

@@ -35,6 +35,7 @@ _ARCHS: dict[str, tuple[str, str, bool]] = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
     "qwen3moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", False),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", False),
 }
 # A "llama" file with experts is Mixtral (llama.cpp writes Mixtral as llama).
 _MIXTRAL = ("MixtralForCausalLM", "MixtralConfig", True)
@@ -70,6 +71,13 @@ _GEMMA3_NAMES = {
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# Phi-3 keeps its fused tensors: qkv, and gate + up in ffn_up (split by the model).
+_PHI3_NAMES = {
+    **_LAYER_NAMES,
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",
+    "ffn_up.weight": "mlp.gate_up_proj.weight",
+}
+_ARCH_NAMES = {"gemma3": _GEMMA3_NAMES, "phi3": _PHI3_NAMES}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -81,7 +89,7 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
+    names = _ARCH_NAMES.get(arch, _LAYER_NAMES)
     m = _BLOCK_RE.match(gguf_name)
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
@@ -195,13 +203,14 @@ class GGUFFile:
                 kw["num_local_experts"] = self.num_experts
         if a == "gemma3":
             self._gemma3_config(kw)
+        if a == "phi3":
+            self._phi3_config(kw)
         cfg = getattr(transformers, cls_name)(**kw)
         if a == "gemma3":
             cfg.pagellm_gguf_norms = True  # llama.cpp stored the norms as 1 + weight
         if "rope_freqs.weight" in self.tensor_names:
             # Llama 3.1-style long-context models store per-frequency divisors.
-            t = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
-            cfg.pagellm_rope_freq_factors = [float(x) for x in np.asarray(t.data).reshape(-1)]
+            cfg.pagellm_rope_freq_factors = self._float_list("rope_freqs.weight")
         return cfg
 
     def _expert_tensors(
@@ -222,6 +231,35 @@ class GGUFFile:
                     t.name, data.reshape(self.num_experts, rows, -1)[e], t.tensor_type
                 )
                 yield name, torch.from_numpy(np.array(arr.reshape(rows, cols), copy=True))
+
+    def _float_list(self, tensor_name: str) -> list[float]:
+        t = next(t for t in self.reader.tensors if t.name == tensor_name)
+        return [float(x) for x in np.asarray(t.data).reshape(-1)]
+
+    def _phi3_config(self, kw: dict[str, Any]) -> None:
+        """Phi-3 as llama.cpp's converter writes it: the window (0: none), the original
+        context length, and LongRoPE's factors as two small tensors (with the attention
+        factor it computed from the two lengths)."""
+        a = "phi3"
+        window = self.value(f"{a}.attention.sliding_window")
+        kw["sliding_window"] = int(window) if window else None
+        orig = self.value(f"{a}.rope.scaling.original_context_length")
+        kw["original_max_position_embeddings"] = int(orig or kw["max_position_embeddings"])
+        rot = self.value(f"{a}.rope.dimension_count")
+        if rot and int(rot) != kw["head_dim"]:
+            kw["partial_rotary_factor"] = int(rot) / kw["head_dim"]
+        kw.pop("attention_bias", None)
+        if "rope_factors_long.weight" in self.tensor_names:
+            params: dict[str, Any] = {
+                "rope_type": "longrope",
+                "rope_theta": kw.pop("rope_theta"),
+                "long_factor": self._float_list("rope_factors_long.weight"),
+                "short_factor": self._float_list("rope_factors_short.weight"),
+            }
+            attn = self.value(f"{a}.rope.scaling.attn_factor")
+            if attn:
+                params["attention_factor"] = float(attn)
+            kw["rope_parameters"] = params
 
     def _gemma3_config(self, kw: dict[str, Any]) -> None:
         """Gemma 3's fields as llama.cpp writes (or implies) them: a global layer every
@@ -266,7 +304,7 @@ class GGUFFile:
                 continue
             name = hf_tensor_name(t.name, self.arch)
             if name is None:
-                if t.name != "rope_freqs.weight":
+                if not t.name.startswith(("rope_freqs.", "rope_factors_")):
                     logger.debug("ignoring GGUF tensor %s", t.name)
                 continue
             qtype = t.tensor_type.name

@@ -163,6 +163,9 @@ class LlamaModel(nn.Module):
             not self.native_stack_enabled
             or meta.backend is None
             or meta.backend.name != "cpu_native"
+            # Layers in several KV cache groups address the cache through several block
+            # tables; the stack takes one (mixed sliding/full models run module by module).
+            or len(get_forward_context().group_metadata) > 1
         ):
             return None
         first: Any = self.layers[0]

@@ -1,5 +1,6 @@
 """Phi-3 (Phi3ForCausalLM): the Llama decoder with fused checkpoint tensors (qkv_proj,
-gate_up_proj, split here into the merged layers' shards) and LongRoPE scaling.
+gate_up_proj, split here into the merged layers' shards by rows: GGUF blocks stay
+quantized) and LongRoPE scaling.
 
 LongRoPE: positions below ``original_max_position_embeddings`` rotate with the short
 factors, positions from there on with the long ones (what a sequence that grows past it
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pagellm.layers.quantization.base import as_float_tensor
+from pagellm.layers.quantization.base import row_slice
 from pagellm.layers.rotary import get_rope_parameters
 from pagellm.models.llama import LlamaForCausalLM, head_dim_of
 
@@ -71,15 +72,17 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         def split() -> Iterable[tuple[str, Any]]:
             for name, tensor in weights:
                 if ".qkv_proj." in name:
-                    t = as_float_tensor(tensor)
                     for part, (a, b) in zip(
                         ("q", "k", "v"), ((0, q), (q, q + kv), (q + kv, q + 2 * kv))
                     ):
-                        yield name.replace(".qkv_proj.", f".{part}_proj."), t[a:b]
+                        yield name.replace(".qkv_proj.", f".{part}_proj."), row_slice(tensor, a, b)
                 elif ".gate_up_proj." in name:
-                    t = as_float_tensor(tensor)
-                    yield name.replace(".gate_up_proj.", ".gate_proj."), t[:inter]
-                    yield name.replace(".gate_up_proj.", ".up_proj."), t[inter:]
+                    rows = 2 * inter
+                    yield name.replace(".gate_up_proj.", ".gate_proj."), row_slice(tensor, 0, inter)
+                    yield (
+                        name.replace(".gate_up_proj.", ".up_proj."),
+                        row_slice(tensor, inter, rows),
+                    )
                 else:
                     yield name, tensor
 

@@ -123,7 +123,8 @@ class DraftModel:
         np.cumsum(q_lens, out=qsl[1:])
         seq_lens = starts + q_lens
         max_blocks = int(batch.num_blocks[rows].max())
-        block_tables = batch.block_table[rows, :max_blocks]
+        # A draft runs only beside a target of one KV cache group (no sliding windows).
+        block_tables = batch.block_table[0, rows, :max_blocks]
         batch_row = np.repeat(np.arange(len(rows)), q_lens)
         slot_mapping = (
             block_tables[batch_row, positions // bs].astype(np.int64) * bs + positions % bs

@@ -4,7 +4,8 @@ preallocated arrays and updated from the scheduler's deltas.
 Each request the worker knows owns one row until it finishes or is preempted:
 
     row r:  token_ids[r, :num_tokens[r]]        prompt then output tokens
-            block_table[r, :num_blocks[r]]      its KV blocks, in position order
+            block_table[g, r, :num_blocks[r]]   its KV blocks in KV cache group g, in
+                                                position order (every group as many)
             temperature[r], top_k[r], ...       its sampling parameters, written once
 
 A step gathers the rows it schedules with numpy indexing: no Python loop over a
@@ -39,7 +40,12 @@ class RowState:
 
 class InputBatch:
     def __init__(
-        self, max_num_reqs: int, max_model_len: int, block_size: int, vocab_size: int
+        self,
+        max_num_reqs: int,
+        max_model_len: int,
+        block_size: int,
+        vocab_size: int,
+        num_kv_groups: int = 1,
     ) -> None:
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -49,7 +55,7 @@ class InputBatch:
         self.num_tokens = np.zeros(n, dtype=np.int64)
         self.num_computed = np.zeros(n, dtype=np.int64)
         blocks = -(-max_model_len // block_size)
-        self.block_table = np.zeros((n, blocks), dtype=np.int32)
+        self.block_table = np.zeros((num_kv_groups, n, blocks), dtype=np.int32)
         self.num_blocks = np.zeros(n, dtype=np.int64)
         # Sampling parameters, one per row (what SamplingMetadata needs as tensors).
         self.temperature = np.zeros(n, dtype=np.float32)
@@ -73,11 +79,13 @@ class InputBatch:
     def _grow_rows(self) -> None:
         old = self.token_ids.shape[0]
         new = old * 2
-        for name in ("token_ids", "block_table"):
-            arr = getattr(self, name)
-            grown = np.zeros((new, arr.shape[1]), dtype=arr.dtype)
-            grown[:old] = arr
-            setattr(self, name, grown)
+        grown = np.zeros((new, self.token_ids.shape[1]), dtype=self.token_ids.dtype)
+        grown[:old] = self.token_ids
+        self.token_ids = grown
+        table = self.block_table
+        grown_table = np.zeros((table.shape[0], new, table.shape[2]), dtype=table.dtype)
+        grown_table[:, :old] = table
+        self.block_table = grown_table
         for name, fill in (("num_tokens", 0), ("num_computed", 0), ("num_blocks", 0),
                            ("temperature", 0), ("top_k", 0), ("top_p", 1), ("min_p", 0),
                            ("presence", 0), ("frequency", 0), ("repetition", 1),
@@ -89,9 +97,10 @@ class InputBatch:
         self._free.extend(range(new - 1, old - 1, -1))
 
     def _ensure_blocks(self, count: int) -> None:
-        if count > self.block_table.shape[1]:
-            grown = np.zeros((self.block_table.shape[0], count), dtype=np.int32)
-            grown[:, : self.block_table.shape[1]] = self.block_table
+        groups, rows, have = self.block_table.shape
+        if count > have:
+            grown = np.zeros((groups, rows, count), dtype=np.int32)
+            grown[:, :, :have] = self.block_table
             self.block_table = grown
 
     def add(
@@ -100,7 +109,7 @@ class InputBatch:
         token_ids: list[int],
         num_prompt_tokens: int,
         params: SamplingParams,
-        block_ids: list[int],
+        block_ids: list[list[int]],
         num_computed: int,
         prompt_logprobs_done: bool,
         lora_request: LoRARequest | None = None,
@@ -116,9 +125,7 @@ class InputBatch:
         self.token_ids[row, :n] = token_ids
         self.num_tokens[row] = n
         self.num_computed[row] = num_computed
-        self._ensure_blocks(len(block_ids))
-        self.block_table[row, : len(block_ids)] = block_ids
-        self.num_blocks[row] = len(block_ids)
+        self._set_blocks(row, 0, block_ids)
         p = params
         self.temperature[row] = p.temperature
         self.top_k[row] = p.top_k if p.top_k != -1 else self.vocab_size
@@ -139,11 +146,18 @@ class InputBatch:
         if state is not None:
             self._free.append(state.row)
 
-    def append_blocks(self, row: int, block_ids: list[int]) -> None:
-        start = int(self.num_blocks[row])
-        end = start + len(block_ids)
+    def append_blocks(self, row: int, block_ids: list[list[int]]) -> None:
+        """Append each KV cache group's new blocks (as many per group)."""
+        self._set_blocks(row, int(self.num_blocks[row]), block_ids)
+
+    def _set_blocks(self, row: int, start: int, block_ids: list[list[int]]) -> None:
+        count = len(block_ids[0]) if block_ids else 0
+        assert len(block_ids) in (0, self.block_table.shape[0])
+        assert all(len(ids) == count for ids in block_ids), "KV groups appended unequally"
+        end = start + count
         self._ensure_blocks(end)
-        self.block_table[row, start:end] = block_ids
+        for g, ids in enumerate(block_ids):
+            self.block_table[g, row, start:end] = ids
         self.num_blocks[row] = end
 
     def append_tokens(self, row: int, token_ids: list[int]) -> None:

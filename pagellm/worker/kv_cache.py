@@ -1,9 +1,11 @@
 """The memory plan and the paged KV tensors.
 
-One (K, V) pair per layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]`` in
-the KV cache dtype (int8 adds a float32 scale per token and KV head to each),
-allocated once at start-up from a byte budget. On CPU the budget is
-``kv_cache_memory`` (4 GiB by default); on CUDA it is what is left of
+One (K, V) pair per KV slot, each ``[num_blocks, block_size, num_kv_heads, head_dim]`` in
+the KV cache dtype (int8 adds a float32 scale per token and KV head to each), allocated
+once at start-up from a byte budget. A model whose layers all attend alike has a slot
+per layer; one that mixes sliding-window and full layers has its layers in KV cache
+groups sharing the slots (core/kv_groups.py), so a block is a page over the slots. On
+CPU the budget is ``kv_cache_memory`` (4 GiB by default); on CUDA it is what is left of
 ``gpu_memory_utilization`` x total memory after weights and the activation peak of a
 profiling forward pass.
 """
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from pagellm.config import DEFAULT_CPU_KV_CACHE_MEMORY, CacheConfig
+from pagellm.core.kv_groups import KVCacheGroup, KVCacheLayout
 from pagellm.layers.attention import KV_CACHE_DTYPES, LayerKVCache
 from pagellm.models.llama import head_dim_of
 from pagellm.utils import format_bytes
@@ -24,12 +27,14 @@ from pagellm.utils import format_bytes
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(hf_config: Any, kv_cache_dtype: str) -> int:
-    """K and V bytes of one token over all layers (int8: codes plus a scale per head)."""
+def kv_bytes_per_token(hf_config: Any, kv_cache_dtype: str, num_layers: int | None = None) -> int:
+    """K and V bytes of one token over ``num_layers`` layers (default: all of them; int8:
+    codes plus a scale per head)."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     elem = torch.empty(0, dtype=KV_CACHE_DTYPES[kv_cache_dtype]).element_size()
     per_head = head_dim_of(hf_config) * elem + (4 if kv_cache_dtype == "int8" else 0)
-    return int(hf_config.num_hidden_layers * 2 * num_kv_heads * per_head)
+    layers = hf_config.num_hidden_layers if num_layers is None else num_layers
+    return int(layers * 2 * num_kv_heads * per_head)
 
 
 @dataclass(frozen=True)
@@ -38,43 +43,55 @@ class KVCachePlan:
 
     weight_bytes: int
     kv_bytes_per_token: int
+    """Bytes of one token position in a block: over every slot (plus a draft's layers)."""
     block_size: int
     num_blocks: int
     budget_bytes: int
     max_model_len: int
-    sliding_window: int | None = None
-    """Every layer slides: a request holds its window's blocks, not its whole length."""
+    layout: KVCacheLayout
+    max_chunk: int = 0
+    """The longest prefill chunk (the scheduler's token budget; 0: max_model_len)."""
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    @property
-    def tokens_per_request(self) -> int:
-        """KV positions one full-length request holds at most."""
-        if self.sliding_window is None:
-            return self.max_model_len
-        # The window, the partly-slid block at its start and the block being filled.
-        return min(self.max_model_len, self.sliding_window + 2 * self.block_size)
+    def blocks_per_request(self, decoding: bool = True) -> int:
+        """Blocks one request of max_model_len holds at most, every group together:
+        while decoding (a sliding group holds its window, the partly slid block at its
+        start and the block being filled), or at its peak (``decoding=False``: a sliding
+        group also holds the longest prefill chunk past its window)."""
+        bs, n = self.block_size, self.max_model_len
+        chunk = min(self.max_chunk or n, n)
+        total = 0
+        for group in self.layout.groups:
+            if group.window is None:
+                total += -(-n // bs)
+            else:
+                span = group.window + 2 * bs if decoding else group.window + chunk + bs
+                total += -(-min(n, span) // bs)
+        return total
 
     @property
     def max_concurrency(self) -> float:
-        return self.num_tokens / self.tokens_per_request
+        """Requests of max_model_len (decoding) whose KV fits at once."""
+        return self.num_blocks / self.blocks_per_request()
 
     @property
     def kv_bytes(self) -> int:
         return self.num_tokens * self.kv_bytes_per_token
 
     def describe(self) -> str:
+        layout = self.layout
         return (
             f"weights {format_bytes(self.weight_bytes)}; KV {format_bytes(self.kv_bytes_per_token)}/token; "
             f"{self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens "
             f"({format_bytes(self.kv_bytes)}); {self.max_concurrency:.1f} requests of "
             f"max_model_len={self.max_model_len} fit at once"
             + (
-                f" (sliding window {self.sliding_window}: blocks behind it are freed)"
-                if self.sliding_window
-                else ""
+                ""
+                if layout.windows == (None,)
+                else f"; {layout.describe()}, blocks behind a window are freed"
             )
         )
 
@@ -87,11 +104,18 @@ def plan_kv_cache(
     weight_bytes: int,
     profiled_peak_bytes: int = 0,
     draft_hf_config: Any = None,
-    sliding_window: int | None = None,
+    layout: KVCacheLayout | None = None,
+    max_chunk: int = 0,
 ) -> KVCachePlan:
     """``draft_hf_config``: a draft model (speculative decoding) keeps its own KV for
-    the same blocks; its bytes per token are counted too."""
-    per_token = kv_bytes_per_token(hf_config, cache_config.kv_cache_dtype)
+    the same blocks; its bytes per token are counted too. ``layout``: the KV cache
+    groups (default: one group of every layer, full attention)."""
+    if layout is None:
+        layout = KVCacheLayout(
+            (KVCacheGroup(None, tuple(range(hf_config.num_hidden_layers))),),
+            hf_config.num_hidden_layers,
+        )
+    per_token = kv_bytes_per_token(hf_config, cache_config.kv_cache_dtype, layout.num_slots)
     if draft_hf_config is not None:
         per_token += kv_bytes_per_token(draft_hf_config, cache_config.kv_cache_dtype)
     per_block = per_token * cache_config.block_size
@@ -115,10 +139,11 @@ def plan_kv_cache(
         num_blocks=int(num_blocks),
         budget_bytes=budget,
         max_model_len=max_model_len,
-        sliding_window=sliding_window,
+        layout=layout,
+        max_chunk=max_chunk,
     )
-    if plan.num_tokens < plan.tokens_per_request:
-        need = -(-plan.tokens_per_request // cache_config.block_size) * per_block
+    if plan.num_blocks < plan.blocks_per_request(decoding=False):
+        need = plan.blocks_per_request(decoding=False) * per_block
         raise ValueError(
             f"the KV cache cannot hold one request of max_model_len={max_model_len} tokens: "
             f"the budget of {format_bytes(budget)} gives {plan.num_blocks} blocks = "
@@ -131,9 +156,14 @@ def plan_kv_cache(
 
 
 def allocate_kv_cache(
-    plan: KVCachePlan, hf_config: Any, kv_cache_dtype: str, device: torch.device
+    plan: KVCachePlan,
+    hf_config: Any,
+    kv_cache_dtype: str,
+    device: torch.device,
+    num_slots: int | None = None,
 ) -> list[LayerKVCache]:
-    """One LayerKVCache per layer.
+    """One LayerKVCache per KV slot (per layer when all layers attend alike);
+    ``num_slots`` overrides the plan's (a draft model: one per draft layer).
 
     On CPU the tensors are left uninitialised, so start-up does not commit the whole
     budget (the OS hands out pages as they are first written); every backend reads only
@@ -144,7 +174,7 @@ def allocate_kv_cache(
     alloc = torch.zeros if device.type == "cuda" else torch.empty
     dtype = KV_CACHE_DTYPES[kv_cache_dtype]
     caches = []
-    for _ in range(hf_config.num_hidden_layers):
+    for _ in range(plan.layout.num_slots if num_slots is None else num_slots):
         scales: list[torch.Tensor | None] = [None, None]
         if kv_cache_dtype == "int8":
             scales = [alloc(shape[:3], dtype=torch.float32, device=device) for _ in range(2)]

@@ -7,6 +7,9 @@ one flat batch with no padding:
     input_ids[T], positions[T], slot_mapping[T]          one entry per computed token
     query_start_loc[B+1], seq_lens[B], block_tables[B,*] one row per request
 
+(a model with several KV cache groups gets a block table and slot mapping per group:
+one AttentionMetadata each, see core/kv_groups.py).
+
 Logits are computed only at rows that produce a token (the last row of a request whose
 chunk reaches its end) and at prompt rows of requests that asked for prompt logprobs.
 """
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from pagellm.config import EngineConfig
+from pagellm.core.kv_groups import kv_cache_layout
 from pagellm.core.sched_output import (
     ModelRunnerOutput,
     SchedulerOutput,
@@ -95,9 +99,13 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mc.seed)
         self.sampler = Sampler(generator)
-        self.batch = InputBatch(
-            config.scheduler.max_num_seqs, mc.max_model_len, self.block_size, self.vocab_size
+        self.kv_layout = kv_cache_layout(
+            [layer.spec.sliding_window for layer in self.model.attention_layers()]  # type: ignore[operator]
         )
+        self.batch = InputBatch(
+            config.scheduler.max_num_seqs, mc.max_model_len, self.block_size, self.vocab_size,
+            self.kv_layout.num_groups,
+        )  # fmt: skip
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
         self.drafter: DraftModel | None = None
@@ -132,20 +140,25 @@ class ModelRunner:
         draft_config = self.drafter.hf_config if self.drafter is not None else None
         self.plan = plan_kv_cache(
             mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
-            draft_config, self.config.scheduler.sliding_window,
+            draft_config, self.kv_layout, self.config.scheduler.max_num_batched_tokens,
         )  # fmt: skip
         self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
         if self.drafter is not None:
             # The draft's own paged KV: as many blocks, addressed by the same block ids.
+            dc = self.drafter.hf_config
             self.drafter.bind_kv_cache(
-                allocate_kv_cache(self.plan, draft_config, kv_dtype, self.device)
+                allocate_kv_cache(self.plan, dc, kv_dtype, self.device, dc.num_hidden_layers)
             )
         return self.plan
 
     def _bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
+        """Bind each layer to its slot's cache and its KV cache group (or unbind: [])."""
         self.kv_caches = caches
-        for layer, cache in zip(self.model.attention_layers(), caches):  # type: ignore[operator]
-            layer.bind(cache, self.attn_backend)
+        placement = self.kv_layout.placement()
+        for i, layer in enumerate(self.model.attention_layers()):  # type: ignore[operator]
+            group, slot = placement[i]
+            if caches:
+                layer.bind(caches[slot], self.attn_backend, group)
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
@@ -153,7 +166,7 @@ class ModelRunner:
         sc = self.config.scheduler
         n = min(sc.max_num_batched_tokens, self.config.model.max_model_len)
         nblk = -(-n // self.block_size)
-        scratch = KVCachePlan(0, 0, self.block_size, nblk, 0, n)
+        scratch = KVCachePlan(0, 0, self.block_size, nblk, 0, n, self.kv_layout)
         self._bind_kv_cache(
             allocate_kv_cache(
                 scratch, self.config.model.hf_config, self.config.cache.kv_cache_dtype, self.device
@@ -161,9 +174,10 @@ class ModelRunner:
         )
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        meta = self.build_metadata(
-            np.array([0, n]), np.array([n]), np.arange(nblk, dtype=np.int32)[None, :],
-            np.arange(n, dtype=np.int64),
+        G = self.kv_layout.num_groups
+        meta = self.build_step_metadata(
+            np.array([0, n]), np.array([n]), np.tile(np.arange(nblk, dtype=np.int32), (G, 1, 1)),
+            np.tile(np.arange(n, dtype=np.int64), (G, 1)),
         )  # fmt: skip
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
@@ -209,9 +223,9 @@ class ModelRunner:
             row = batch.requests[cached.req_id].row
             if cached.num_blocks_kept is not None:
                 batch.num_blocks[row] = min(int(batch.num_blocks[row]), cached.num_blocks_kept)
-            for idx, block in cached.replaced_blocks:
-                batch.block_table[row, idx] = block
-            if cached.new_block_ids:
+            for group, idx, block in cached.replaced_blocks:
+                batch.block_table[group, row, idx] = block
+            if cached.new_block_ids and cached.new_block_ids[0]:
                 batch.append_blocks(row, cached.new_block_ids)
             if cached.new_token_ids:
                 batch.append_tokens(row, cached.new_token_ids)
@@ -247,6 +261,20 @@ class ModelRunner:
         meta.backend_data = backend.prepare(meta)
         return meta
 
+    def build_step_metadata(
+        self,
+        query_start_loc: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
+        slot_mapping: np.ndarray,
+    ) -> list[AttentionMetadata]:
+        """One AttentionMetadata per KV cache group: ``block_tables`` [G, B, max_blocks],
+        ``slot_mapping`` [G, T]."""
+        return [
+            self.build_metadata(query_start_loc, seq_lens, tables, slots)
+            for tables, slots in zip(block_tables, slot_mapping)
+        ]
+
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
@@ -279,12 +307,12 @@ class ModelRunner:
         positions = np.arange(T, dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         input_ids = batch.token_ids[row_of_token, positions]
         max_blocks = int(batch.num_blocks[rows].max())
-        block_tables = batch.block_table[rows, :max_blocks]
+        block_tables = batch.block_table[:, rows, :max_blocks]
         batch_row = np.repeat(np.arange(B), q_lens)
         slot_mapping = (
-            block_tables[batch_row, positions // bs].astype(np.int64) * bs + positions % bs
+            block_tables[:, batch_row, positions // bs].astype(np.int64) * bs + positions % bs
         )
-        meta = self.build_metadata(qsl, seq_lens, block_tables, slot_mapping)
+        meta = self.build_step_metadata(qsl, seq_lens, block_tables, slot_mapping)
 
         # Rows whose logits we need: the sampling rows (1 + its proposals per request),
         # then prompt-logprob rows.

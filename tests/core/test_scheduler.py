@@ -78,16 +78,16 @@ def test_blocks_allocated_on_demand_and_freed_at_finish() -> None:
     s.add_request(r)
     out = step(s)
     assert out.num_scheduled_tokens == {"a": 6}
-    assert len(r.block_ids) == 2  # 6 tokens -> 2 blocks
+    assert len(r.block_ids[0]) == 2  # 6 tokens -> 2 blocks
     assert r.output_token_ids == [7]
     step(s)  # token 7 at position 6 -> still 2 blocks
-    assert len(r.block_ids) == 2
+    assert len(r.block_ids[0]) == 2
     step(s)  # position 7
     step(s)  # position 8 needs a third block
-    assert len(r.block_ids) == 3
+    assert len(r.block_ids[0]) == 3
     run_to_completion(s)
     assert r.status == RequestStatus.FINISHED_LENGTH_CAPPED
-    assert r.num_output_tokens == 5 and r.block_ids == []
+    assert r.num_output_tokens == 5 and r.block_ids == [[]]
     assert s.kv.pool.num_free_blocks == 16
 
 
@@ -152,7 +152,7 @@ def test_newest_running_request_is_preempted_first() -> None:
         step(s)
         preempted_seen = new.status == RequestStatus.PREEMPTED
         assert old.status == RequestStatus.RUNNING
-    assert new.num_computed_tokens == 0 and new.block_ids == []
+    assert new.num_computed_tokens == 0 and new.block_ids == [[]]
     assert s.waiting[0] is new
     run_to_completion(s)
     assert new.num_output_tokens == 30 and old.num_output_tokens == 30
@@ -192,9 +192,9 @@ def test_abort_frees_blocks_and_tells_the_worker() -> None:
     r = make_request("a", 10, max_tokens=50)
     s.add_request(r)
     step(s)
-    assert r.block_ids
+    assert r.block_ids[0]
     s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
-    assert r.block_ids == [] and s.kv.pool.num_free_blocks == s.kv.pool.num_blocks
+    assert r.block_ids == [[]] and s.kv.pool.num_free_blocks == s.kv.pool.num_blocks
     out = s.schedule()
     assert out.finished_req_ids == {"a"}
     s.check_invariants()
@@ -317,7 +317,7 @@ def test_siblings_fork_after_the_shared_prefill() -> None:
     assert out.num_scheduled_tokens == {"0_x": 1, "1_x": 1, "2_x": 1}
     assert {r.req_id for r in out.scheduled_new_reqs} == {"1_x", "2_x"}
     assert all(r.num_computed_tokens == 9 for r in out.scheduled_new_reqs)
-    blocks = [s.requests[r].block_ids for r in ("0_x", "1_x", "2_x")]
+    blocks = [s.requests[r].block_ids[0] for r in ("0_x", "1_x", "2_x")]
     assert blocks[0][:2] == blocks[1][:2] == blocks[2][:2]  # the two full blocks stay shared
     assert len({b[2] for b in blocks}) == 3  # the partial one was copied on write
     assert len(out.block_copies) == 2

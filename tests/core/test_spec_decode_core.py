@@ -72,7 +72,7 @@ def check_spec_invariants(s: Scheduler) -> None:
     assert s.spec is not None
     for r in s.running:
         assert r.num_computed_tokens <= r.num_tokens
-        blocks = s.kv.req_to_blocks[r.req_id]
+        (blocks,) = s.kv.req_to_blocks[r.req_id]
         assert len(blocks) <= cdiv(r.num_tokens + s.spec.num_lookahead_tokens, BS), r
         for i, b in enumerate(blocks):
             if b.block_hash is not None:
@@ -103,7 +103,7 @@ def test_proposals_are_verified_and_rejected_ones_rolled_back() -> None:
     assert r.num_tokens == before_tokens + 3
     # Rejected positions are taken back: the last token is still to compute.
     assert r.num_computed_tokens == r.num_tokens - 1
-    assert len(r.block_ids) == cdiv(r.num_tokens, BS)
+    assert len(r.block_ids[0]) == cdiv(r.num_tokens, BS)
     assert s.spec_num_draft_tokens == len(proposals) and s.spec_num_accepted_tokens == 2
 
 
@@ -119,16 +119,16 @@ def test_worker_gets_each_token_once_through_the_scheduler() -> None:
         out = s.schedule()
         for new in out.scheduled_new_reqs:
             mirror = [*new.prompt_token_ids, *new.output_token_ids]
-            blocks = list(new.block_ids)
+            (blocks,) = [list(ids) for ids in new.block_ids]
         for cached in out.scheduled_cached_reqs:
             mirror.extend(cached.new_token_ids)
             if cached.num_blocks_kept is not None:
                 del blocks[cached.num_blocks_kept :]
-            for idx, b in cached.replaced_blocks:
+            for _, idx, b in cached.replaced_blocks:
                 blocks[idx] = b
-            blocks.extend(cached.new_block_ids)
+            blocks.extend(cached.new_block_ids[0])
         assert mirror == r.all_token_ids
-        assert blocks[: len(r.block_ids)] == r.block_ids
+        assert blocks[: len(r.block_ids[0])] == r.block_ids[0]
         sampled = [
             [*out.scheduled_spec_tokens.get("a", [])[:1], 10]
             if r.num_computed_tokens >= r.num_tokens else []
@@ -148,9 +148,9 @@ def test_prefix_cache_never_keeps_unverified_tokens() -> None:
     assert cached <= set(r.block_hashes)
     # A second request with the same verified tokens hits the cache only for them.
     twin = Request("b", list(r.all_token_ids), SamplingParams(max_tokens=1), (2,), 256)
-    hits, n = s.kv.get_computed_blocks(twin)
+    (hits,), n = s.kv.get_computed_blocks(twin)
     assert n == len(hits) * BS and len(hits) >= 4
-    assert [b.block_id for b in hits] == r.block_ids[: len(hits)]
+    assert [b.block_id for b in hits] == r.block_ids[0][: len(hits)]
 
 
 def test_preemption_with_proposals_in_flight() -> None:
@@ -221,7 +221,7 @@ def test_draft_model_lookahead_slots_are_held_then_trimmed() -> None:
     out = s.schedule()
     # The draft proposes after this step: its writes (k slots) are allocated.
     assert out.draft_propose == {"a": k}
-    assert len(r.block_ids) == cdiv(r.num_tokens + k, BS)
+    assert len(r.block_ids[0]) == cdiv(r.num_tokens + k, BS)
     s.update_from_output(out, ModelRunnerOutput(["a"], [[99]], draft_token_ids={"a": [10, 11, 12]}))
     assert r.spec_token_ids == [10, 11, 12]
     out = s.schedule()
@@ -229,7 +229,7 @@ def test_draft_model_lookahead_slots_are_held_then_trimmed() -> None:
     s.update_from_output(out, ModelRunnerOutput(["a"], [[10, 98]], draft_token_ids={"a": [1]}))
     s.check_invariants()
     check_spec_invariants(s)
-    assert len(r.block_ids) == cdiv(r.num_tokens + k - 1, BS)
+    assert len(r.block_ids[0]) == cdiv(r.num_tokens + k - 1, BS)
 
 
 @settings(max_examples=40, deadline=None)

@@ -139,6 +139,19 @@ def as_float_tensor(tensor: Any) -> torch.Tensor:
     return tensor.float()
 
 
+def row_slice(tensor: Any, start: int, end: int) -> Any:
+    """Rows [start, end) of a checkpoint matrix in its own form: a GGUF matrix keeps its
+    blocks (they run along a row), floats stay floats (fused tensors split at load)."""
+    from pagellm.layers.quantization.gguf import GGUFRawTensor
+
+    if isinstance(tensor, GGUFRawTensor):
+        return GGUFRawTensor(
+            f"{tensor.name}[{start}:{end}]", tensor.qtype,
+            np.ascontiguousarray(tensor.data[start:end]), (end - start, tensor.shape[1]),
+        )  # fmt: skip
+    return tensor[start:end]
+
+
 @dataclass
 class Run:
     start: int
