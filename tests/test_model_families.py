@@ -451,3 +451,23 @@ def test_phi3_from_gguf(qtype: str, family_dirs: dict[str, str], tmp_path: Any) 
         assert (got - want).abs().max() < 0.02 * want.abs().max(), name
     want = prompt_logits(ref, prompt)
     assert (logits - want).abs().mean() < 0.1 * want.abs().mean()
+
+
+def test_draft_model_beside_a_mixed_target(family_dirs: dict[str, str]) -> None:
+    """Gemma 3 (local, global, local: three KV cache groups) with itself as the draft:
+    the draft keeps its KV through group 0's table (the global layer's, whole length), so
+    greedy output is the target's and nearly every proposal is accepted; the blocks of
+    every group come back."""
+    path = family_dirs["Gemma3ForCausalLM"]
+    kw: dict[str, Any] = dict(dtype="float32", block_size=4, kv_cache_memory=16 << 20)
+    prompts = [{"prompt_token_ids": _prompt(n, 20 + n)} for n in (2 * WINDOW + 3, 5)]
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = LLM(path, **kw).generate(prompts, sp, use_tqdm=False)
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
+    llm = LLM(path, speculative_config=spec, **kw)
+    out = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    drafts = sum(o.metrics.spec_num_draft_tokens for o in out)
+    assert drafts > 0 and sum(o.metrics.spec_num_accepted_tokens for o in out) / drafts > 0.9
+    kv = llm.engine.core.scheduler.kv
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # what the engine stores: quantized weights and KV count as they are
         costs = model_costs(
             config.model.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
-            engine.plan.kv_bytes_per_token,
+            round(engine.plan.kv_bytes_per_context_token),
         )  # fmt: skip
     peaks: MachinePeaks = measure_machine_isolated(
         config.device.device, config.model.dtype, config.device.num_threads

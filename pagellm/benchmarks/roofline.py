@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[mc.dtype]
     costs = model_costs(
         mc.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
-        engine.plan.kv_bytes_per_token,
+        round(engine.plan.kv_bytes_per_context_token),
     )  # fmt: skip
     peaks = measure_machine_isolated(config.device.device, mc.dtype, config.device.num_threads)
     ctx = args.context

@@ -13,7 +13,7 @@ Contract with the scheduler:
   first write into a block that is shared is preceded by a copy (copy-on-write). Copies
   are queued in ``pending_copies`` and travel to the worker in the next SchedulerOutput.
 
-Groups (see core/kv_groups.py) share one block pool; each request holds one list of
+Groups (KVCacheLayout in config.py) share one block pool; each request holds one list of
 blocks per group, all as long as each other: block i of every group's list holds token
 positions [i * block_size, (i + 1) * block_size) for that group's layers.
 
@@ -262,8 +262,12 @@ class KVCacheManager:
         groups = self.req_to_blocks.pop(request.req_id, [])
         self.num_cached_blocks.pop(request.req_id, None)
         self.num_slid_out.pop(request.req_id, None)
-        for blocks in groups:
-            self.pool.free(reversed(held_blocks(blocks)))
+        # Last position first across every group, so that eviction takes a prompt's tail
+        # in all groups before any group's head (a hit needs the head in every group).
+        self.pool.free(
+            b for i in reversed(range(len(groups[0]) if groups else 0)) for blocks in groups
+            if (b := blocks[i]) is not SLID_OUT
+        )  # fmt: skip
         request.block_ids = [[] for _ in self.windows]
 
     def free_outside_windows(self, request: Request) -> int:

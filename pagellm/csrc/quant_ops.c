@@ -59,11 +59,8 @@ static inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 
 int pagellm_q_has_vnni(void) { return HAVE_VNNI; }
 
-/* Independent integer accumulators per row: vpdpbusd's chain is long (its latency), the
- * maddubs/madd path's is a single add. */
-#define NPAR (HAVE_VNNI ? 2 : 1)
-
-/* Rows of activations handled together (each needs two registers). */
+/* Rows of activations handled together (each keeps its float accumulator in a register
+ * beside the block's 8 decoded quads). */
 #if defined(MR_OVERRIDE)
 #define MR MR_OVERRIDE
 #elif defined(PAGELLM_AVX512)
@@ -122,16 +119,18 @@ static inline __m256 load_scales(const uint8_t* p, int f16) {
     return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)) : _mm256_loadu_ps((const float*)p);
 }
 
-static inline __m256i code_quad(const uint8_t* codes, int kind, int j) {
-    if (kind == KIND_U4) {
-        __m256i raw = _mm256_loadu_si256((const __m256i*)(codes + (j & 3) * 32));
-        if (j >= 4) raw = _mm256_srli_epi16(raw, 4);
-        return _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-    }
+/* Quad j of a byte-code tile (S8, U8). */
+static inline __m256i code_quad(const uint8_t* codes, int j) {
     return _mm256_loadu_si256((const __m256i*)(codes + j * 32));
 }
 
-/* One group of 8 weight rows against rows m0..m0+mr-1 of the activations. */
+/* One group of 8 weight rows against rows m0..m0+mr-1 of the activations.
+ *
+ * Per block: the 8 code quads are decoded once into registers, then each activation row
+ * runs a short chain of dpbusd over them (two accumulators, even and odd quads, halve
+ * the dependency on its latency; per half-block for nsub = 2) and folds its block into
+ * its float accumulator at once. Rows outer and quads inner keep every accumulator in a
+ * register: with the quads outer, 8 rows x 4 integer sums did not fit and were spilled. */
 static inline __attribute__((always_inline)) void qgroup(
     const uint8_t* tiles, int64_t nb, int kind, int nsub, int f16, const int8_t* xq,
     const float* xd, const float* xs, int64_t K, int64_t m0, int mr, float* y, int64_t ldy,
@@ -144,43 +143,68 @@ static inline __attribute__((always_inline)) void qgroup(
         const uint8_t* t = tiles + b * tile;
         const uint8_t* sc = t + code_bytes(kind);
         const uint8_t* mn = sc + nsub * 8 * ssz;
-        /* Integer sums per row, per half-block (nsub = 2) and per quad parity: two
-         * independent chains halve the dependency on vpdpbusd's latency; integer sums
-         * are exact, so how they are split changes nothing. */
-        __m256i isum[MR][2][2];
-        for (int i = 0; i < mr; i++)
-            isum[i][0][0] = isum[i][0][1] = isum[i][1][0] = isum[i][1][1] = _mm256_setzero_si256();
-        /* Fully unrolled, so that h and par are constants and isum stays in registers
-         * (a variable index put it on the stack: a load and a store per vpdpbusd). */
+        /* S8 codes go through abs / sign (dpbusd multiplies unsigned by signed). */
+        __m256i w[8], aw[8];
+        if (kind == KIND_U4) {
+            /* one load gives quads j (low nibbles) and j + 4 (high) */
+            const __m256i lo4 = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i*)(t + j * 32));
+                aw[j] = w[j] = _mm256_and_si256(raw, lo4);
+                aw[j + 4] = w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo4);
+            }
+        } else {
 #pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            __m256i w = code_quad(t, kind, j);
-            int h = nsub == 2 ? j >> 2 : 0, par = NPAR == 2 ? j & 1 : 0;
-            if (kind == KIND_S8) {
-                __m256i aw = _mm256_sign_epi8(w, w);
-                for (int i = 0; i < mr; i++) {
-                    __m256i xv = _mm256_set1_epi32(*(const int32_t*)(xq + (m0 + i) * K + b * 32 + 4 * j));
-                    isum[i][h][par] = dpbusd(isum[i][h][par], aw, _mm256_sign_epi8(xv, w));
-                }
-            } else {
-                for (int i = 0; i < mr; i++) {
-                    __m256i xv = _mm256_set1_epi32(*(const int32_t*)(xq + (m0 + i) * K + b * 32 + 4 * j));
-                    isum[i][h][par] = dpbusd(isum[i][h][par], w, xv);
-                }
+            for (int j = 0; j < 8; j++) {
+                w[j] = code_quad(t, j);
+                aw[j] = kind == KIND_S8 ? _mm256_sign_epi8(w[j], w[j]) : w[j];
             }
         }
+        __m256 s[2], mv[2];
         for (int h = 0; h < nsub; h++) {
-            __m256 s = load_scales(sc + h * 8 * ssz, f16);
-            __m256 mv = kind == KIND_S8 ? _mm256_setzero_ps() : load_scales(mn + h * 8 * ssz, f16);
-            for (int i = 0; i < mr; i++) {
-                int64_t m = m0 + i;
-                __m256 dx = _mm256_set1_ps(xd[m * nb + b]);
-                __m256i dot = _mm256_add_epi32(isum[i][h][0], isum[i][h][1]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, dx), acc[i]);
+            s[h] = load_scales(sc + h * 8 * ssz, f16);
+            mv[h] = kind == KIND_S8 ? _mm256_setzero_ps() : load_scales(mn + h * 8 * ssz, f16);
+        }
+        for (int i = 0; i < mr; i++) {
+            const int64_t m = m0 + i;
+            const int32_t* xr = (const int32_t*)(xq + m * K + b * 32);
+            /* Integer sums of half-block 0 / 1, even / odd quads (two vpdpbusd chains
+             * halve the wait on its latency; the maddubs path's chain is an add).
+             * Written out: an array indexed in a loop may be left on the stack. */
+            __m256i e0 = _mm256_setzero_si256(), o0 = e0, e1 = e0, o1 = e0;
+#define XQ(j) (kind == KIND_S8 ? _mm256_sign_epi8(_mm256_set1_epi32(xr[j]), w[j]) \
+                               : _mm256_set1_epi32(xr[j]))
+#if HAVE_VNNI
+#define DP2(E, O, j)              \
+    E = dpbusd(E, aw[j], XQ(j)); \
+    O = dpbusd(O, aw[j + 1], XQ(j + 1))
+#else
+/* One chain: the maddubs path's dependency is an add. (Adding several quads' int16
+ * products before widening, exact for U4 codes, measured slower on Zen 4.) */
+#define DP2(E, O, j)              \
+    E = dpbusd(E, aw[j], XQ(j)); \
+    E = dpbusd(E, aw[j + 1], XQ(j + 1))
+#endif
+            DP2(e0, o0, 0);
+            DP2(e0, o0, 2);
+            if (nsub == 2) {
+                DP2(e1, o1, 4);
+                DP2(e1, o1, 6);
+            } else {
+                DP2(e0, o0, 4);
+                DP2(e0, o0, 6);
+            }
+#undef DP2
+#undef XQ
+            __m256i dots[2] = {_mm256_add_epi32(e0, o0), _mm256_add_epi32(e1, o1)};
+            const __m256 dx = _mm256_set1_ps(xd[m * nb + b]);
+            const float* sx = xs + m * nb * 2 + 2 * b;
+            for (int h = 0; h < nsub; h++) {
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[h]), _mm256_mul_ps(s[h], dx), acc[i]);
                 if (kind != KIND_S8) {
-                    const float* sx = xs + m * nb * 2 + 2 * b;
                     float sum = nsub == 2 ? sx[h] : sx[0] + sx[1];
-                    acc[i] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sum), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(mv[h], _mm256_set1_ps(sum), acc[i]);
                 }
             }
         }

@@ -47,10 +47,11 @@ _DTYPE_ALIASES = {
 }
 
 
-def _has_sliding_window(hf_config: Any, arch: str) -> bool:
+def _every_layer_slides(hf_config: Any, arch: str) -> bool:
     from pagellm.models.registry import attention_windows
 
-    return any(w is not None for w in attention_windows(hf_config, arch))
+    windows = attention_windows(hf_config, arch)
+    return bool(windows) and all(w is not None for w in windows)
 
 
 @strict_kwargs
@@ -349,12 +350,12 @@ class EngineArgs:
         path = spec.get("model")
         if not path:
             raise ValueError("speculative_config: method draft_model needs a model path")
-        if _has_sliding_window(target.hf_config, target.architecture):
-            # Blocks behind the target's windows are freed, and a draft reads and writes
-            # its own KV through the target's block table.
+        if _every_layer_slides(target.hf_config, target.architecture):
+            # A draft reads and writes its own KV through the target's first KV cache
+            # group's block table: a full-attention group's whenever the target has one.
             raise ValueError(
-                "speculative_config: draft_model is not supported with a target that has "
-                "sliding-window layers (their blocks behind the window are freed); use ngram"
+                "speculative_config: draft_model is not supported with a target whose every "
+                "layer has a sliding window (its blocks behind the window are freed); use ngram"
             )
         return SpeculativeConfig(
             "draft_model", k, draft=self._draft_model_config(str(path), spec, target),

@@ -154,7 +154,7 @@ def set_forward_context(
     attn_metadata: AttentionMetadata | Sequence[AttentionMetadata],
 ) -> Iterator[None]:
     """The per-step state every attention layer reads; set only around a forward pass.
-    A list gives one metadata per KV cache group (core/kv_groups.py)."""
+    A list gives one metadata per KV cache group (KVCacheLayout in config.py)."""
     metas = [attn_metadata] if isinstance(attn_metadata, AttentionMetadata) else attn_metadata
     token = _FORWARD_CONTEXT.set(ForwardContext(metas[0], metas))
     try:

@@ -123,7 +123,8 @@ class DraftModel:
         np.cumsum(q_lens, out=qsl[1:])
         seq_lens = starts + q_lens
         max_blocks = int(batch.num_blocks[rows].max())
-        # A draft runs only beside a target of one KV cache group (no sliding windows).
+        # The target's group 0 keeps the whole length (full-attention groups come first,
+        # and a target whose every layer slides takes no draft).
         block_tables = batch.block_table[0, rows, :max_blocks]
         batch_row = np.repeat(np.arange(len(rows)), q_lens)
         slot_mapping = (

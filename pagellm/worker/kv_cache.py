@@ -4,7 +4,7 @@ One (K, V) pair per KV slot, each ``[num_blocks, block_size, num_kv_heads, head_
 the KV cache dtype (int8 adds a float32 scale per token and KV head to each), allocated
 once at start-up from a byte budget. A model whose layers all attend alike has a slot
 per layer; one that mixes sliding-window and full layers has its layers in KV cache
-groups sharing the slots (core/kv_groups.py), so a block is a page over the slots. On
+groups sharing the slots (KVCacheLayout in config.py), so a block is a page over the slots. On
 CPU the budget is ``kv_cache_memory`` (4 GiB by default); on CUDA it is what is left of
 ``gpu_memory_utilization`` x total memory after weights and the activation peak of a
 profiling forward pass.
@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from pagellm.config import DEFAULT_CPU_KV_CACHE_MEMORY, CacheConfig
-from pagellm.core.kv_groups import KVCacheGroup, KVCacheLayout
+from pagellm.config import DEFAULT_CPU_KV_CACHE_MEMORY, CacheConfig, KVCacheGroup, KVCacheLayout
 from pagellm.layers.attention import KV_CACHE_DTYPES, LayerKVCache
 from pagellm.models.llama import head_dim_of
 from pagellm.utils import format_bytes
@@ -76,6 +75,13 @@ class KVCachePlan:
     def max_concurrency(self) -> float:
         """Requests of max_model_len (decoding) whose KV fits at once."""
         return self.num_blocks / self.blocks_per_request()
+
+    @property
+    def kv_bytes_per_context_token(self) -> float:
+        """KV bytes a full-length request holds per token of its length, every group
+        together (a sliding group holds its window only): what a long decode reads."""
+        held = self.blocks_per_request() * self.block_size * self.kv_bytes_per_token
+        return held / self.max_model_len
 
     @property
     def kv_bytes(self) -> int:

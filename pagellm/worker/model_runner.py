@@ -8,7 +8,7 @@ one flat batch with no padding:
     query_start_loc[B+1], seq_lens[B], block_tables[B,*] one row per request
 
 (a model with several KV cache groups gets a block table and slot mapping per group:
-one AttentionMetadata each, see core/kv_groups.py).
+one AttentionMetadata each, see KVCacheLayout in config.py).
 
 Logits are computed only at rows that produce a token (the last row of a request whose
 chunk reaches its end) and at prompt rows of requests that asked for prompt logprobs.
@@ -17,13 +17,13 @@ chunk reaches its end) and at prompt rows of requests that asked for prompt logp
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 
-from pagellm.config import EngineConfig
-from pagellm.core.kv_groups import kv_cache_layout
+from pagellm.config import EngineConfig, kv_cache_layout
 from pagellm.core.sched_output import (
     ModelRunnerOutput,
     SchedulerOutput,
@@ -99,8 +99,13 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mc.seed)
         self.sampler = Sampler(generator)
+        # A window no shorter than max_model_len never drops a block: such layers share
+        # the full-attention layers' group (they still mask by their window).
         self.kv_layout = kv_cache_layout(
-            [layer.spec.sliding_window for layer in self.model.attention_layers()]  # type: ignore[operator]
+            [
+                w if w is not None and w < mc.max_model_len else None
+                for w in (layer.spec.sliding_window for layer in self.model.attention_layers())  # type: ignore[operator]
+            ]
         )
         self.batch = InputBatch(
             config.scheduler.max_num_seqs, mc.max_model_len, self.block_size, self.vocab_size,
@@ -157,8 +162,8 @@ class ModelRunner:
         placement = self.kv_layout.placement()
         for i, layer in enumerate(self.model.attention_layers()):  # type: ignore[operator]
             group, slot = placement[i]
-            if caches:
-                layer.bind(caches[slot], self.attn_backend, group)
+            cache = caches[slot] if caches else LayerKVCache(torch.empty(0), torch.empty(0))
+            layer.bind(cache, self.attn_backend, group)
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
@@ -269,11 +274,20 @@ class ModelRunner:
         slot_mapping: np.ndarray,
     ) -> list[AttentionMetadata]:
         """One AttentionMetadata per KV cache group: ``block_tables`` [G, B, max_blocks],
-        ``slot_mapping`` [G, T]."""
-        return [
-            self.build_metadata(query_start_loc, seq_lens, tables, slots)
-            for tables, slots in zip(block_tables, slot_mapping)
-        ]
+        ``slot_mapping`` [G, T]; the groups share the per-sequence tensors."""
+        first = self.build_metadata(query_start_loc, seq_lens, block_tables[0], slot_mapping[0])
+        metas = [first]
+        dev = self.device
+        for tables, slots in zip(block_tables[1:], slot_mapping[1:]):
+            meta = dataclasses.replace(
+                first,
+                block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev),
+                slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(dev),
+                extra={},
+            )
+            meta.backend_data = self.attn_backend.prepare(meta)
+            metas.append(meta)
+        return metas
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -181,7 +181,7 @@ def test_freed_blocks_stay_cached_and_lru_evicts_oldest() -> None:
 
 
 def test_layout_groups_layers_by_kind() -> None:
-    from pagellm.core.kv_groups import kv_cache_layout
+    from pagellm.config import kv_cache_layout
 
     one = kv_cache_layout([None] * 5)
     assert one.windows == (None,) and one.num_slots == 5 and one.groups[0].layers == tuple(range(5))
@@ -226,3 +226,21 @@ def test_prefix_hit_needs_only_the_window_in_sliding_groups() -> None:
     assert kv.allocate_slots(twin, len(prompt) - n, [full, sliding]) is not None
     assert [len(ids) for ids in twin.block_ids] == [7, 7]
     kv.pool.check()
+
+
+def test_freed_request_is_evicted_tail_first_in_every_group() -> None:
+    """A request's blocks go back last position first across the groups, so eviction
+    takes every group's tail before any group's head and a prefix hit survives."""
+    kv = KVCacheManager(16, BS, enable_caching=True, group_windows=(None, 1000))
+    prompt = list(range(50, 75))  # 25 tokens: 7 blocks per group, 6 of them full
+    first = Request("a", prompt, SamplingParams(max_tokens=4), (), 10_000)
+    assert kv.allocate_slots(first, len(prompt)) is not None
+    kv.free(first)
+    other = Request("b", list(range(900, 925)), SamplingParams(max_tokens=4), (), 10_000)
+    # 4 blocks per group: the 2 never used, both groups' partial blocks 6, then blocks 5
+    # and 4 of both groups (cached: evicted). Freed group by group, group 0 would have
+    # lost blocks 6 to 1 and the hit would be 1 block.
+    assert kv.allocate_slots(other, 13) is not None
+    twin = Request("c", prompt, SamplingParams(max_tokens=4), (), 10_000)
+    _, n = kv.get_computed_blocks(twin)
+    assert n == 4 * BS
