@@ -9,12 +9,12 @@
  * Rows are taken 8 at a time (a group; the last one padded with zero rows); a group's
  * tiles follow each other block by block, so one thread streams its groups linearly:
  *
- *   tile(g, b) = codes | scales[nsub][8] | mins[nsub][8]      (mins absent for S8)
+ *   tile(g, b) = codes | scales[nsub][8] | mins[nsub][8]      (mins absent for S8, U4S)
  *
  *   codes, S8 / U8 (one byte per code):   32 x 8 quads
  *       byte [j * 32 + r * 4 + t] = code of row 8g + r, input channel 32b + 4j + t
  *       (j = 0..7: quad j of the block; one 32-byte load = quad j of all 8 rows)
- *   codes, U4 (two codes per byte):       32 x 4
+ *   codes, U4 and U4S (two codes per byte): 32 x 4
  *       byte [j * 32 + r * 4 + t] = code(quad j) | code(quad j + 4) << 4, j = 0..3
  *
  * so that lane r of an 8 x int32 accumulator is row r's dot product: the float work
@@ -22,7 +22,9 @@
  *
  *   S8: w = scale * code,          code in [-128, 127]          (Q8_0, Q5_0, Q6_K, int8)
  *   U8: w = scale * code + min,    code in [0, 63]              (Q5_1, Q5_K)
- *   U4: w = scale * code + min,    code in [0, 15]              (Q4_0, Q4_1, Q4_K, int4, AWQ, GPTQ)
+ *   U4: w = scale * code + min,    code in [0, 15]              (Q4_1, Q4_K, AWQ, GPTQ)
+ *   U4S: w = scale * (code - 8),   code in [0, 15]              (Q4_0, symmetric int4: the
+ *        min -8 * scale is implied, not stored: 10% fewer bytes per step than U4)
  *   nsub = 2: two scales per block, for channels 0-15 and 16-31 (S8 only: Q6_K).
  *   Scales and mins are float16 or float32.
  *
@@ -39,7 +41,11 @@
 
 #include "simd.h"
 
-enum { KIND_S8 = 0, KIND_U8 = 1, KIND_U4 = 2 };
+enum { KIND_S8 = 0, KIND_U8 = 1, KIND_U4 = 2, KIND_U4S = 3 };
+
+/* Nibble codes (U4, U4S); a min stored per block (U8, U4; U4S's is -8 * scale). */
+static inline int is_u4(int kind) { return kind == KIND_U4 || kind == KIND_U4S; }
+static inline int has_min(int kind) { return kind == KIND_U8 || kind == KIND_U4; }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define HAVE_VNNI 1
@@ -69,11 +75,11 @@ int pagellm_q_has_vnni(void) { return HAVE_VNNI; }
 #define MR 4
 #endif
 
-static inline int64_t code_bytes(int kind) { return kind == KIND_U4 ? 128 : 256; }
+static inline int64_t code_bytes(int kind) { return is_u4(kind) ? 128 : 256; }
 
 int64_t pagellm_q_tile_bytes(int kind, int nsub, int f16) {
     int64_t sz = f16 ? 2 : 4;
-    return code_bytes(kind) + nsub * 8 * sz * (kind == KIND_S8 ? 1 : 2);
+    return code_bytes(kind) + nsub * 8 * sz * (has_min(kind) ? 2 : 1);
 }
 
 /* ---- activations ------------------------------------------------------------------ */
@@ -145,7 +151,7 @@ static inline __attribute__((always_inline)) void qgroup(
         const uint8_t* mn = sc + nsub * 8 * ssz;
         /* S8 codes go through abs / sign (dpbusd multiplies unsigned by signed). */
         __m256i w[8], aw[8];
-        if (kind == KIND_U4) {
+        if (is_u4(kind)) {
             /* one load gives quads j (low nibbles) and j + 4 (high) */
             const __m256i lo4 = _mm256_set1_epi8(0x0F);
 #pragma GCC unroll 4
@@ -164,7 +170,9 @@ static inline __attribute__((always_inline)) void qgroup(
         __m256 s[2], mv[2];
         for (int h = 0; h < nsub; h++) {
             s[h] = load_scales(sc + h * 8 * ssz, f16);
-            mv[h] = kind == KIND_S8 ? _mm256_setzero_ps() : load_scales(mn + h * 8 * ssz, f16);
+            mv[h] = kind == KIND_S8    ? _mm256_setzero_ps()
+                    : kind == KIND_U4S ? _mm256_mul_ps(s[h], _mm256_set1_ps(-8.0f))
+                                       : load_scales(mn + h * 8 * ssz, f16);
         }
         for (int i = 0; i < mr; i++) {
             const int64_t m = m0 + i;
@@ -250,7 +258,9 @@ void pagellm_qlinear(const int8_t* xq, const float* xd, const float* xs, int64_t
                      const float* bias, int nthreads) {
     /* Literal arguments let the compiler specialise each format's inner loop. */
 #define QL(KIND, NSUB, F16) qlinear_impl(xq, xd, xs, M, K, w, N, KIND, NSUB, F16, y, ldy, bias, nthreads)
-    if (kind == KIND_U4) {
+    if (kind == KIND_U4S) {
+        if (f16) QL(KIND_U4S, 1, 1); else QL(KIND_U4S, 1, 0);
+    } else if (kind == KIND_U4) {
         if (f16) QL(KIND_U4, 1, 1); else QL(KIND_U4, 1, 0);
     } else if (kind == KIND_U8) {
         if (f16) QL(KIND_U8, 1, 1); else QL(KIND_U8, 1, 0);
@@ -272,8 +282,9 @@ static inline float load_scale1(const uint8_t* p, int f16, int64_t idx) {
     return f16 ? half_to_float(((const uint16_t*)p)[idx]) : ((const float*)p)[idx];
 }
 
-/* out[i, :] = row rows[i] of the packed matrix, as floats. */
-void pagellm_q_dequant_rows(const uint8_t* w, int64_t K, int kind, int nsub, int f16,
+/* out[i, :] = row rows[i] of the packed matrix, as floats: scale * code, then + min,
+ * each rounded (no fused multiply-add), as the Python side dequantizes. */
+__attribute__((optimize("fp-contract=off"))) void pagellm_q_dequant_rows(const uint8_t* w, int64_t K, int kind, int nsub, int f16,
                             const int64_t* rows, int64_t n, float* out, int nthreads) {
     int64_t nb = K / 32, tile = pagellm_q_tile_bytes(kind, nsub, f16), ssz = f16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 4)
@@ -287,7 +298,7 @@ void pagellm_q_dequant_rows(const uint8_t* w, int64_t K, int kind, int nsub, int
             for (int k = 0; k < 32; k++) {
                 int j = k / 4, q4 = k % 4, h = nsub == 2 ? k / 16 : 0;
                 float code;
-                if (kind == KIND_U4) {
+                if (is_u4(kind)) {
                     uint8_t byte = t[(j & 3) * 32 + r * 4 + q4];
                     code = (float)(j < 4 ? byte & 0x0F : byte >> 4);
                 } else if (kind == KIND_U8) {
@@ -296,7 +307,8 @@ void pagellm_q_dequant_rows(const uint8_t* w, int64_t K, int kind, int nsub, int
                     code = (float)(int8_t)t[j * 32 + r * 4 + q4];
                 }
                 float s = load_scale1(sc, f16, h * 8 + r);
-                o[k] = kind == KIND_S8 ? s * code : s * code + load_scale1(mn, f16, h * 8 + r);
+                float lo = kind == KIND_U4S ? s * -8.0f : has_min(kind) ? load_scale1(mn, f16, h * 8 + r) : 0.0f;
+                o[k] = kind == KIND_S8 ? s * code : s * code + lo;
             }
         }
     }

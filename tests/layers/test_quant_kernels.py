@@ -31,10 +31,11 @@ from pagellm.layers.quantization.packed import (
 
 ISAS = native.supported_isas()
 FORMATS = [
-    ("u4", 1, True), ("u4", 1, False), ("u8", 1, True), ("u8", 1, False),
+    ("u4", 1, True), ("u4", 1, False), ("u4s", 1, True), ("u4s", 1, False),
+    ("u8", 1, True), ("u8", 1, False),
     ("s8", 1, True), ("s8", 1, False), ("s8", 2, False),
 ]  # fmt: skip
-RANGES = {"s8": (-128, 127), "u8": (0, 63), "u4": (0, 15)}
+RANGES = {"s8": (-128, 127), "u8": (0, 63), "u4": (0, 15), "u4s": (0, 15)}
 
 
 @pytest.fixture(params=ISAS)
@@ -45,6 +46,7 @@ def lib(request: Any) -> ctypes.CDLL:
 
 
 def random_codes(n: int, k: int, kind: str, nsub: int, f16: bool, seed: int = 0) -> BlockCodes:
+    """Random codes of a tile kind (u4s: u4 codes whose mins are -8 * scale, as Q4_0's)."""
     rng = np.random.default_rng(seed)
     lo, hi = RANGES[kind]
     codes = rng.integers(lo, hi + 1, size=(n, k)).astype(np.int8 if kind == "s8" else np.uint8)
@@ -55,6 +57,8 @@ def random_codes(n: int, k: int, kind: str, nsub: int, f16: bool, seed: int = 0)
         mins = None if mins is None else mins.astype(np.float16).astype(np.float32)
     else:  # make sure float16 would lose something, so the float32 layout is used
         scales[0, 0] = np.float32(0.0012345678)
+    if kind == "u4s":
+        return BlockCodes(codes, scales, -8 * scales, "u4", nsub)
     return BlockCodes(codes, scales, mins, kind, nsub)
 
 
@@ -85,7 +89,7 @@ def test_packed_matmul(
 ) -> None:
     bc = random_codes(n, k, kind, nsub, f16)
     pw = PackedWeight(bc, lib)
-    assert pw.f16 == f16
+    assert pw.f16 == f16 and pw.kind == kind
     g = torch.Generator().manual_seed(n + k + m)
     check_matmul(lib, bc, torch.randn(m, k, generator=g), torch.randn(n, generator=g))
 
@@ -162,7 +166,23 @@ def test_gguf_q4_types_keep_float16_scales() -> None:
         bc = decode(GGUFRawTensor("w", qtype, raw, w.shape))
         assert bc._f16()
         packed_bpw = bc.nbytes_stored * 8 / w.size
-        assert packed_bpw == pytest.approx(stored_bpw + (0.5 if qtype == "Q4_0" else 0.0))
+        assert packed_bpw == pytest.approx(stored_bpw)
+
+
+@pytest.mark.parametrize("f16", [True, False])
+def test_q4_0_min_is_implied_not_stored(lib: ctypes.CDLL, f16: bool) -> None:
+    """u4 codes whose mins are -8 * scale pack as u4s (the min computed in the kernel,
+    not read): 10% fewer bytes with float16 scales, and the same outputs to the bit as
+    the u4 tiles."""
+    bc = random_codes(40, 1536, "u4s", 1, f16, seed=9)
+    folded, stored = PackedWeight(bc, lib), PackedWeight(bc, lib, kind="u4")
+    ssz = 2 if f16 else 4
+    assert folded.kind == "u4s"
+    assert folded.nbytes * (128 + 16 * ssz) == stored.nbytes * (128 + 8 * ssz)
+    x = torch.randn(17, 1536, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(folded(x), stored(x))
+    rows = torch.tensor([0, 39, 8])
+    assert torch.equal(folded.dequantize_rows(rows), stored.dequantize_rows(rows))
 
 
 def test_int8_and_int4_quantizers() -> None:

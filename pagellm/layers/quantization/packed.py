@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-KINDS = {"s8": 0, "u8": 1, "u4": 2}
+KINDS = {"s8": 0, "u8": 1, "u4": 2, "u4s": 3}
+"""Tile kinds of quant_ops.c; u4s (u4 whose min is -8 * scale, not stored) is chosen
+at packing, never named by a BlockCodes."""
 # Code ranges each kind's kernel is exact for (see quant_ops.c).
 _CODE_RANGE = {"s8": (-128, 127), "u8": (0, 63), "u4": (0, 15)}
 BLOCK = 32
@@ -83,7 +85,18 @@ class BlockCodes:
         """Bytes of the packed layout (what a step reads)."""
         n, k = self.shape
         groups = -(-n // GROUP_ROWS)
-        return groups * (k // BLOCK) * tile_bytes(self.kind, self.nsub, self._f16())
+        return groups * (k // BLOCK) * tile_bytes(self.packed_kind(), self.nsub, self._f16())
+
+    def packed_kind(self) -> str:
+        """The tile kind: u4 codes whose mins are exactly -8 * scale (Q4_0, symmetric
+        int4) pack as u4s, with the mins implied."""
+        if (
+            self.kind == "u4"
+            and self.mins is not None
+            and np.array_equal(self.mins, -8 * self.scales)
+        ):
+            return "u4s"
+        return self.kind
 
     def _f16(self) -> bool:
         """Scales and mins are stored as float16 when that loses nothing."""
@@ -92,12 +105,14 @@ class BlockCodes:
 
 
 def tile_bytes(kind: str, nsub: int, f16: bool) -> int:
-    codes = 128 if kind == "u4" else 256
-    return codes + nsub * GROUP_ROWS * (2 if f16 else 4) * (1 if kind == "s8" else 2)
+    codes = 128 if kind in ("u4", "u4s") else 256
+    return codes + nsub * GROUP_ROWS * (2 if f16 else 4) * (2 if kind in ("u4", "u8") else 1)
 
 
-def pack_tiles(bc: BlockCodes) -> tuple[np.ndarray, bool]:
-    """The row-interleaved tile layout of quant_ops.c, and whether scales are float16."""
+def pack_tiles(bc: BlockCodes, kind: str | None = None) -> tuple[np.ndarray, bool]:
+    """The row-interleaved tile layout of quant_ops.c for tile ``kind`` (default: the
+    codes' packed kind), and whether scales are float16."""
+    kind = kind or bc.packed_kind()
     n, k = bc.shape
     nb = k // BLOCK
     groups = -(-n // GROUP_ROWS)
@@ -112,7 +127,8 @@ def pack_tiles(bc: BlockCodes) -> tuple[np.ndarray, bool]:
         q = q[:, :, :4] | (q[:, :, 4:] << 4)
     parts = [q.reshape(groups, nb, -1)]
     sdt = np.float16 if f16 else np.float32
-    for arr in [bc.scales] + ([bc.mins] if bc.mins is not None else []):
+    mins = [bc.mins] if bc.mins is not None and kind != "u4s" else []
+    for arr in [bc.scales, *mins]:
         a = arr.astype(sdt)
         if pad:
             a = np.concatenate([a, np.zeros((pad, a.shape[1]), sdt)])
@@ -120,7 +136,7 @@ def pack_tiles(bc: BlockCodes) -> tuple[np.ndarray, bool]:
         a = a.reshape(groups, GROUP_ROWS, nb, bc.nsub).transpose(0, 2, 3, 1)
         parts.append(np.ascontiguousarray(a).view(np.uint8).reshape(groups, nb, -1))
     tiles = np.concatenate(parts, axis=2)
-    assert tiles.shape[2] == tile_bytes(bc.kind, bc.nsub, f16)
+    assert tiles.shape[2] == tile_bytes(kind, bc.nsub, f16)
     return np.ascontiguousarray(tiles).reshape(-1), f16
 
 
@@ -142,12 +158,19 @@ class _QWeightDesc(ctypes.Structure):
 class PackedWeight:
     """A quantized [N, K] matrix as the native kernels read it."""
 
-    def __init__(self, bc: BlockCodes, lib: ctypes.CDLL, bias: torch.Tensor | None = None) -> None:
-        tiles, f16 = pack_tiles(bc)
+    def __init__(
+        self,
+        bc: BlockCodes,
+        lib: ctypes.CDLL,
+        bias: torch.Tensor | None = None,
+        kind: str | None = None,
+    ) -> None:
+        kind = kind or bc.packed_kind()
+        tiles, f16 = pack_tiles(bc, kind)
         self.data = torch.from_numpy(tiles)
         self.n, self.k = bc.shape
-        self.kind, self.nsub, self.f16 = bc.kind, bc.nsub, f16
-        self._kind_id = KINDS[bc.kind]
+        self.kind, self.nsub, self.f16 = kind, bc.nsub, f16
+        self._kind_id = KINDS[kind]
         self._lib = lib
         # The bias (a slice of the layer's) and the tiles never move once loaded.
         self._bias = bias
