@@ -471,3 +471,20 @@ def test_draft_model_beside_a_mixed_target(family_dirs: dict[str, str]) -> None:
     assert drafts > 0 and sum(o.metrics.spec_num_accepted_tokens for o in out) / drafts > 0.9
     kv = llm.engine.core.scheduler.kv
     assert kv.pool.num_free_blocks == kv.pool.num_blocks
+
+
+def test_memory_plan_counts_each_group_and_speculative_slots() -> None:
+    """Blocks one max_model_len request holds: a full group its length, a sliding group
+    its window (decoding) or window + a prefill chunk (peak), every group the slots
+    speculative decoding holds past the tokens at its peak."""
+    from pagellm.config import kv_cache_layout
+    from pagellm.worker.kv_cache import KVCachePlan
+
+    layout = kv_cache_layout([64, None, 64, 64])  # 1 full, 3 sliding -> 4 groups of 1
+    plan = KVCachePlan(0, 0, 16, 1000, 0, 1024, layout, max_chunk=256, spec_slots=5)
+    assert layout.windows == (None, 64, 64, 64)
+    assert plan.blocks_per_request() == 64 + 3 * (64 + 32) // 16
+    assert plan.blocks_per_request(decoding=False) == -(-1029 // 16) + 3 * -(
+        -(64 + 256 + 16 + 5) // 16
+    )
+    assert plan.max_concurrency == pytest.approx(1000 / plan.blocks_per_request())

@@ -50,6 +50,9 @@ class KVCachePlan:
     layout: KVCacheLayout
     max_chunk: int = 0
     """The longest prefill chunk (the scheduler's token budget; 0: max_model_len)."""
+    spec_slots: int = 0
+    """Slots past a request's tokens that speculative decoding may hold (the proposals
+    being verified and a draft's lookahead)."""
 
     @property
     def num_tokens(self) -> int:
@@ -59,16 +62,18 @@ class KVCachePlan:
         """Blocks one request of max_model_len holds at most, every group together:
         while decoding (a sliding group holds its window, the partly slid block at its
         start and the block being filled), or at its peak (``decoding=False``: a sliding
-        group also holds the longest prefill chunk past its window)."""
+        group also holds the longest prefill chunk past its window, and every group the
+        speculative slots past the request's tokens)."""
         bs, n = self.block_size, self.max_model_len
         chunk = min(self.max_chunk or n, n)
+        extra = 0 if decoding else self.spec_slots
         total = 0
         for group in self.layout.groups:
             if group.window is None:
-                total += -(-n // bs)
+                total += -(-(n + extra) // bs)
             else:
                 span = group.window + 2 * bs if decoding else group.window + chunk + bs
-                total += -(-min(n, span) // bs)
+                total += -(-(min(n, span) + extra) // bs)
         return total
 
     @property
@@ -112,6 +117,7 @@ def plan_kv_cache(
     draft_hf_config: Any = None,
     layout: KVCacheLayout | None = None,
     max_chunk: int = 0,
+    spec_slots: int = 0,
 ) -> KVCachePlan:
     """``draft_hf_config``: a draft model (speculative decoding) keeps its own KV for
     the same blocks; its bytes per token are counted too. ``layout``: the KV cache
@@ -147,6 +153,7 @@ def plan_kv_cache(
         max_model_len=max_model_len,
         layout=layout,
         max_chunk=max_chunk,
+        spec_slots=spec_slots,
     )
     if plan.num_blocks < plan.blocks_per_request(decoding=False):
         need = plan.blocks_per_request(decoding=False) * per_block

@@ -143,9 +143,11 @@ class ModelRunner:
             peak = self._profile_peak_memory()
         kv_dtype = self.config.cache.kv_cache_dtype
         draft_config = self.drafter.hf_config if self.drafter is not None else None
+        spec = self.config.speculative
+        spec_slots = spec.num_speculative_tokens + spec.num_lookahead_tokens if spec else 0
         self.plan = plan_kv_cache(
             mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
-            draft_config, self.kv_layout, self.config.scheduler.max_num_batched_tokens,
+            draft_config, self.kv_layout, self.config.scheduler.max_num_batched_tokens, spec_slots,
         )  # fmt: skip
         self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
         if self.drafter is not None:
