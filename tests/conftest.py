@@ -120,23 +120,35 @@ def tiny_model_dirs(
 ) -> dict[str, str]:
     """A saved random model per architecture (2 layers, GQA/MQA), with biases and
     q/k-norm weights randomised so that loading them is actually tested."""
+    return {
+        arch: save_random_model(tmp_path_factory, smol_tokenizer, arch, tiny_config(arch))
+        for arch in TINY_ARCHS
+    }
+
+
+def save_random_model(
+    tmp_path_factory: pytest.TempPathFactory,
+    tokenizer: Any,
+    name: str,
+    config: Any,
+    norm_mean: float = 1.0,
+) -> str:
+    """A random model of ``config`` (seed 0) saved with the tokenizer: biases ~ N(0, 0.1)
+    and norm weights ~ N(norm_mean, 0.2), so that loading them is tested too."""
     from transformers import AutoModelForCausalLM
 
-    dirs = {}
-    for arch in TINY_ARCHS:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.1)
-                elif "norm" in name:
-                    p.normal_(1.0, 0.2)
-        path = tmp_path_factory.mktemp(arch)
-        model.save_pretrained(path)
-        smol_tokenizer.save_pretrained(path)
-        dirs[arch] = str(path)
-    return dirs
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if param_name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in param_name:
+                p.normal_(norm_mean, 0.2)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def hf_logits(model: Any, token_ids: list[int]) -> torch.Tensor:

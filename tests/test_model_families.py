@@ -16,7 +16,7 @@ import torch
 
 from pagellm import LLM, SamplingParams
 from pagellm.sampling_params import PoolingParams
-from tests.conftest import hf_logits
+from tests.conftest import hf_logits, save_random_model
 from tests.utils import prompt_logits
 
 TOL = 2e-4
@@ -63,21 +63,17 @@ def family_config(arch: str) -> Any:
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any) -> dict[str, str]:
-    from transformers import AutoModelForCausalLM
-
-    dirs = {}
-    for arch in FAMILIES:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(family_config(arch), dtype=torch.float32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0.0 if arch.startswith("Gemma") else 1.0, 0.2)
-        path = tmp_path_factory.mktemp(arch)
-        model.save_pretrained(path)
-        smol_tokenizer.save_pretrained(path)
-        dirs[arch] = str(path)
-    return dirs
+    # Gemma stores its norms as 1 + w: weights around 0 are the usual ones.
+    return {
+        arch: save_random_model(
+            tmp_path_factory,
+            smol_tokenizer,
+            arch,
+            family_config(arch),
+            norm_mean=0.0 if arch.startswith("Gemma") else 1.0,
+        )
+        for arch in FAMILIES
+    }
 
 
 def _hf(path: str) -> Any:

@@ -65,6 +65,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.windows = tuple(group_windows)
         """Each group's sliding window (None: full attention)."""
+        self._all_full = all(w is None for w in self.windows)
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[list[KVBlock]]] = {}
         # How many leading blocks of each request are registered in the prefix cache, so
@@ -274,7 +275,7 @@ class KVCacheManager:
         """Free, in every sliding group, the request's blocks that no token from its
         next one on can see; returns how many."""
         groups = self.req_to_blocks.get(request.req_id)
-        if not groups:
+        if not groups or self._all_full:
             return 0
         slid = self.num_slid_out.setdefault(request.req_id, [0] * self.num_groups)
         freed = 0
