@@ -18,7 +18,16 @@ MODEL = "SmolLM2-135M-Instruct"
 # The shared server runs pagellm's defaults, as users run it (the GGUF's own quantization,
 # float32); tests that compare it with offline output use an offline engine with the same
 # defaults (``smol_llm_default``), not an fp32 reference.
-SERVER_ARGS = ["--max-model-len", "1024", "--kv-cache-memory", "512MiB"]
+SERVER_ARGS = [
+    "--max-model-len",
+    "1024",
+    "--kv-cache-memory",
+    "512MiB",
+    "--reasoning-parser",
+    "qwen3",
+]
+CORS_ORIGIN = "http://page.example"
+"""The one origin the shared server lets browsers call it from (--allowed-origins)."""
 
 # SmolLM2 in fp32: 30 layers x (K, V) x 3 KV heads x 64 dims x 4 bytes = 45 KiB per token.
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
@@ -161,7 +170,7 @@ def server() -> Iterator[Any]:
     """One real `pagellm serve` process (with an API key) shared by the server tests."""
     from tests.utils import RemoteServer
 
-    srv = RemoteServer([*SERVER_ARGS, "--api-key", API_KEY])
+    srv = RemoteServer([*SERVER_ARGS, "--api-key", API_KEY, "--allowed-origins", CORS_ORIGIN])
     yield srv
     assert srv.stop() == 0, srv.logs()
     assert "Traceback" not in srv.logs()

@@ -76,6 +76,10 @@ class StructuredOutputsParams:
     """A grammar: Lark syntax, or GBNF/EBNF (``root ::= ...``, vLLM's guided_grammar)."""
     whitespace_flexible: bool = False
     """JSON: allow any whitespace between tokens (default: compact JSON)."""
+    strict: bool = True
+    """JSON schema: an object that lists ``properties`` and does not say
+    ``additionalProperties`` allows only the listed keys (xgrammar's strict mode, OpenAI's
+    ``strict: true``); False keeps JSON Schema's own default (any extra key)."""
     _grammar: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +118,10 @@ class StructuredOutputsParams:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("structured_outputs.json must be a JSON schema object")
+        if not isinstance(self.strict, bool):
+            raise ValueError("structured_outputs.strict must be true or false")
+        if self.json is not None and self.strict:
+            self.json = strict_schema(self.json)
 
     @property
     def kind(self) -> str:
@@ -127,6 +135,46 @@ class StructuredOutputsParams:
         if self._grammar is None:
             self._grammar = grammar_for(self)
         return self._grammar
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+               "additionalProperties", "unevaluatedItems", "propertyNames")  # fmt: skip
+
+
+def strict_schema(schema: Any, closed: bool = True) -> Any:
+    """A copy of ``schema`` in which every object that lists ``properties`` and says
+    nothing of ``additionalProperties`` (or ``unevaluatedProperties``) gets
+    ``additionalProperties: false``: only its listed keys. An object schema without
+    ``properties`` (``{"type": "object"}``) stays any object. The branches of an
+    ``allOf`` are not closed themselves (each would forbid the others' keys); their
+    nested schemas are."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: strict_schema(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(v) for v in out[key]]
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict | list):
+            out[key] = strict_schema(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [strict_schema(v, closed=False) for v in out["allOf"]]
+    if (
+        closed
+        and isinstance(out.get("properties"), dict)
+        and "additionalProperties" not in out
+        and "unevaluatedProperties" not in out
+        and "patternProperties" not in out
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 def _lark_string(s: str) -> str:

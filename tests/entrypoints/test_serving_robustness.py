@@ -122,6 +122,14 @@ def test_disconnect_storm_leaves_nothing_running(busy_server: RemoteServer) -> N
     assert metric(m, "pagellm:request_success_total", finished_reason="abort") > 0
 
 
+def test_cors_is_off_by_default(busy_server: RemoteServer) -> None:
+    r = httpx.options(
+        busy_server.url("/v1/chat/completions"),
+        headers={"Origin": "http://page.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert r.headers.get("access-control-allow-origin") is None
+
+
 def test_priority_field_is_accepted(busy_server: RemoteServer) -> None:
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "priority": -5}
     assert httpx.post(busy_server.url("/v1/completions"), json=body).status_code == 200

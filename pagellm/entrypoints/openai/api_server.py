@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +46,7 @@ from pagellm.entrypoints.openai.protocol import (
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from pagellm.entrypoints.openai.reasoning import REASONING_PARSERS
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -59,8 +61,30 @@ logger = logging.getLogger(__name__)
 _OPEN_PATHS = ("/health", "/version", "/metrics", "/ping")
 
 
-def error_json(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+ANTHROPIC_PATHS = ("/v1/messages",)
+"""Routes of the Anthropic Messages API: their errors take Anthropic's shape."""
+
+
+def error_json(err: APIError, request: Request | None = None) -> JSONResponse:
+    """The error as JSON: OpenAI's shape, or Anthropic's on the Anthropic routes."""
+    anthropic = request is not None and request.url.path.startswith(ANTHROPIC_PATHS)
+    body = err.anthropic_body() if anthropic else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _parse_list(value: Any, default: list[str]) -> list[str]:
+    """A CORS list option: a JSON list (vLLM's form) or comma-separated names."""
+    if value is None:
+        return default
+    if isinstance(value, list):
+        return value
+    text = str(value).strip()
+    if text.startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"expected a JSON list of strings, got {text}")
+        return items
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -93,7 +117,12 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
     completion = OpenAIServingCompletion(engine, served)
     embedding = OpenAIServingEmbedding(engine, served)
-    chat = OpenAIServingChat(engine, served, getattr(args, "tool_call_parser", "hermes"))
+    chat = OpenAIServingChat(
+        engine,
+        served,
+        getattr(args, "tool_call_parser", "hermes"),
+        getattr(args, "reasoning_parser", None),
+    )
     lora_config = engine.config.lora
     prometheus = PrometheusStatLogger(names[0], lora_config.max_loras if lora_config else 0)
     engine.stat_loggers.append(prometheus)
@@ -108,17 +137,19 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="pagellm", version=__version__, lifespan=lifespan)
+    origins = _parse_list(getattr(args, "allowed_origins", None), [])
 
     @app.middleware("http")
     async def authenticate(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         if api_key and request.method != "OPTIONS" and not request.url.path.startswith(_OPEN_PATHS):
+            # OpenAI clients send "Authorization: Bearer KEY", Anthropic's "x-api-key: KEY".
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(
-                token.strip().encode(), api_key.encode()
-            ):
+            token = token.strip() if scheme.lower() == "bearer" else ""
+            token = token or request.headers.get("x-api-key", "").strip()
+            if not secrets.compare_digest(token.encode(), api_key.encode()):
                 return error_json(
                     APIError(
                         401,
@@ -126,9 +157,21 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
                         "authentication_error",
                         None,
                         "invalid_api_key",
-                    )
+                    ),
+                    request,
                 )
         return await call_next(request)
+
+    if origins:
+        # Added after the authentication middleware, so it wraps it: a 401 carries the
+        # CORS headers too, and preflight (OPTIONS) requests need no key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=_parse_list(getattr(args, "allowed_methods", None), ["*"]),
+            allow_headers=_parse_list(getattr(args, "allowed_headers", None), ["*"]),
+            allow_credentials=bool(getattr(args, "allow_credentials", False)),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,33 +190,33 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         else:
             message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
             param = loc[0] if loc else None
-        return error_json(APIError.bad_request(message, param))
+        return error_json(APIError.bad_request(message, param), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_json(APIError(exc.status_code, str(exc.detail), kind))
+        return error_json(APIError(exc.status_code, str(exc.detail), kind), request)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_json(exc)
+        return error_json(exc, request)
 
     @app.exception_handler(QueueFullError)
     async def on_queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
-        return error_json(APIError.queue_full(str(exc)))
+        return error_json(APIError.queue_full(str(exc)), request)
 
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_json(APIError.engine_dead())
+        return error_json(APIError.engine_dead(), request)
 
     @app.exception_handler(ValueError)
     async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
-        return error_json(APIError.bad_request(str(exc)))
+        return error_json(APIError.bad_request(str(exc)), request)
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_json(APIError(500, "Internal server error.", "server_error"))
+        return error_json(APIError(500, "Internal server error.", "server_error"), request)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         result = await run_cancellable(request, work)
@@ -196,6 +239,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
+
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -414,6 +458,15 @@ def add_parser(sub: Any) -> None:
                    "'{\"name\": ..., \"path\": ...}' (implies --enable-lora)")  # fmt: skip
     p.add_argument("--allow-runtime-lora", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")  # fmt: skip
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split a reasoning model's <think>...</think> from its answer: "
+                   "reasoning_content in chat, reasoning items in Responses")  # fmt: skip
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="CORS: origins allowed to call the API from a browser, a JSON list "
+                   "('[\"*\"]') or comma-separated (default: none, CORS off)")  # fmt: skip
+    p.add_argument("--allowed-methods", default=None, help="CORS methods (default: all)")
+    p.add_argument("--allowed-headers", default=None, help="CORS headers (default: all)")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--uvicorn-log-level", default="warning")
     EngineArgs.add_cli_args(p)
     p.set_defaults(handler=run)

@@ -155,7 +155,10 @@ class SamplingFields(OpenAIModel):
             schema = spec.get("schema")
             if not isinstance(schema, dict):
                 raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-            found.append(("response_format", {"json": schema}))
+            # OpenAI's strict flag; the schema is strict unless it says strict: false.
+            found.append(
+                ("response_format", {"json": schema, "strict": spec.get("strict") is not False})
+            )
         if not found:
             return None
         if len(found) > 1:
@@ -297,6 +300,7 @@ class ToolCall(BaseModel):
 class ChatMessageOut(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -343,6 +347,7 @@ class DeltaMessage(BaseModel):
 
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")

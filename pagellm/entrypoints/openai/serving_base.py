@@ -27,6 +27,18 @@ T = TypeVar("T")
 _PARAM_RE = re.compile(r"^([a-z_]+) ")
 
 
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
 class APIError(Exception):
     """An error with its HTTP status and OpenAI error fields."""
 
@@ -56,6 +68,13 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+    def anthropic_body(self) -> dict[str, Any]:
+        """The error in the Anthropic Messages API's shape."""
+        kind = _ANTHROPIC_ERROR_TYPES.get(
+            self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     @classmethod
     def bad_request(cls, message: str, param: str | None = None) -> APIError:

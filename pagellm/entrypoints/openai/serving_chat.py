@@ -27,6 +27,7 @@ from pagellm.entrypoints.openai.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from pagellm.entrypoints.openai.reasoning import get_reasoning_parser
 from pagellm.entrypoints.openai.serving_base import (
     SSE_DONE,
     APIError,
@@ -56,9 +57,16 @@ class ToolMode:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: Any, served_model_names: Any, tool_parser: str = "hermes") -> None:
+    def __init__(
+        self,
+        engine: Any,
+        served_model_names: Any,
+        tool_parser: str = "hermes",
+        reasoning_parser: str | None = None,
+    ) -> None:
         super().__init__(engine, served_model_names)
         self.tool_parser = get_tool_parser(tool_parser)
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser)
 
     def render_prompt(
         self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
@@ -123,7 +131,7 @@ class OpenAIServingChat(OpenAIServing):
         return ToolMode("named", name), schemas
 
     def _prepare(
-        self, req: ChatCompletionRequest
+        self, req: ChatCompletionRequest, stream: bool | None = None
     ) -> tuple[str, str, list[int], SamplingParams, ToolMode]:
         for name in UNSUPPORTED_CHAT_FIELDS:
             value = getattr(req, name)
@@ -144,7 +152,8 @@ class OpenAIServingChat(OpenAIServing):
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         max_tokens = self.resolve_max_tokens(len(ids), wanted, "messages")
-        kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
+        stream = req.stream if stream is None else stream
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
             params = req.sampling_params(max_tokens, logprobs, kind)
@@ -159,7 +168,7 @@ class OpenAIServingChat(OpenAIServing):
                     if mode.kind == "named"
                     else required_schema(schemas, req.parallel_tool_calls is not False)
                 )
-                params.structured_outputs = StructuredOutputsParams(json=schema)
+                params.structured_outputs = StructuredOutputsParams(json=schema, strict=True)
                 params.structured_outputs.grammar_text()
         except ValueError as e:
             raise APIError.bad_request(str(e)) from None
@@ -168,14 +177,13 @@ class OpenAIServingChat(OpenAIServing):
     async def create(
         self, req: ChatCompletionRequest, request_id: str | None = None
     ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
+        """The reply, or for ``stream`` the SSE lines of its chunks (ending with [DONE])."""
+        if req.stream:
+            return self._sse(req, await self.create_chunks(req, request_id))
         model, text, ids, params, mode = self._prepare(req)
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-        lora = self.resolve_model(model)[1]
-        (gen,) = self.admit([(prompt, params)], request_id, req.priority, lora)
+        gen = self._admit(req, model, text, ids, params, request_id)
         created = int(time.time())
-        if req.stream:
-            return self._stream(req, request_id, model, created, gen, mode)
         final = None
         try:
             async for out in gen:
@@ -185,12 +193,14 @@ class OpenAIServingChat(OpenAIServing):
         assert final is not None
         choices = []
         for c in final.outputs:
-            content, calls, finish = self._tool_calls(c.text, c.finish_reason, mode)
+            reasoning, answer = self._split_reasoning(c.text, True)
+            content, calls, finish = self._tool_calls(answer, c.finish_reason, mode)
             choices.append(
                 ChatChoice(
                     index=c.index,
                     message=ChatMessageOut(
                         content=content,
+                        reasoning_content=reasoning or None,
                         tool_calls=[_tool_call(call) for call in calls] if calls else None,
                     ),
                     logprobs=self._logprobs(c, req.top_logprobs or 0) if req.logprobs else None,
@@ -209,25 +219,78 @@ class OpenAIServingChat(OpenAIServing):
             ),
         )
 
+    async def create_chunks(
+        self, req: ChatCompletionRequest, request_id: str | None = None
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        """A streamed reply as chunk objects (whatever ``req.stream`` says), for the SSE
+        route and for the protocols translated from chat (Responses, Anthropic Messages).
+
+        The request is checked and admitted before this returns (APIError for a bad one);
+        errors met later are raised from the generator. The last chunk has no choices and
+        carries the usage; closing the generator early aborts the request."""
+        model, text, ids, params, mode = self._prepare(req, stream=True)
+        request_id = request_id or f"chatcmpl-{random_uuid()}"
+        gen = self._admit(req, model, text, ids, params, request_id)
+        return self._chunks(req, request_id, model, int(time.time()), gen, mode)
+
+    def _admit(
+        self,
+        req: ChatCompletionRequest,
+        model: str,
+        text: str,
+        ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+    ) -> Any:
+        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
+        lora = self.resolve_model(model)[1]
+        (gen,) = self.admit([(prompt, params)], request_id, req.priority, lora)
+        return gen
+
+    def _split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
+        if self.reasoning_parser is None:
+            return "", text
+        return self.reasoning_parser.split(text, final)
+
     def _tool_calls(
         self, text: str, finish_reason: str | None, mode: ToolMode
     ) -> tuple[str | None, list[ParsedToolCall], str | None]:
         """(content, tool calls, finish reason) of a finished reply."""
-        if mode.kind == "none" or finish_reason not in ("stop", None):
-            return text, [], finish_reason  # cut short (length, abort): plain text
-        try:
-            if mode.kind == "named":
-                assert mode.name is not None
-                json.loads(text)
-                return None, [ParsedToolCall(mode.name, text)], finish_reason
-            if mode.kind == "required":
-                return None, calls_from_required(text), "tool_calls"
-        except ValueError:
+        if mode.kind == "none" or finish_reason not in ("stop", "length", None):
+            return text, [], finish_reason  # aborted: plain text
+        if mode.kind == "required":
+            # Cut short, the calls written whole are kept; no whole call: plain text.
+            calls = calls_from_required(text, complete=finish_reason != "length")
+            return (None, calls, "tool_calls") if calls else (text, [], finish_reason)
+        if finish_reason == "length":
             return text, [], finish_reason
+        if mode.kind == "named":
+            assert mode.name is not None
+            try:
+                json.loads(text)
+            except ValueError:
+                return text, [], finish_reason
+            # OpenAI answers a named (forced) function with finish_reason "stop".
+            return None, [ParsedToolCall(mode.name, text)], finish_reason
         content, calls = self.tool_parser.extract(text)
         return content, calls, "tool_calls" if calls else finish_reason
 
-    async def _stream(
+    async def _sse(
+        self, req: ChatCompletionRequest, chunks: AsyncGenerator[ChatCompletionChunk, None]
+    ) -> AsyncGenerator[str, None]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+        try:
+            async for chunk in chunks:
+                if chunk.choices or include_usage:
+                    yield sse(chunk, exclude)
+        except Exception as e:  # the stream still ends properly
+            yield stream_error(e)
+        finally:
+            await chunks.aclose()
+        yield SSE_DONE
+
+    async def _chunks(
         self,
         req: ChatCompletionRequest,
         request_id: str,
@@ -235,84 +298,75 @@ class OpenAIServingChat(OpenAIServing):
         created: int,
         gen: Any,
         mode: ToolMode,
-    ) -> AsyncGenerator[str, None]:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        exclude = None if include_usage else {"usage"}
-
-        def chunk(choice: ChatChunkChoice) -> str:
-            return sse(
-                ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]),
-                exclude,
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=request_id, created=created, model=model, choices=[choice]
             )
 
         # The role comes first, once per choice, as OpenAI sends it.
         for i in range(req.n):
             yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
         prompt_tokens = completion_tokens = cached = 0
-        # With tools, text that may be (the start of) a call is held back per choice:
-        # what was streamed as content, and what is kept until it is known.
+        # Per choice: the raw text so far, and how much of its reasoning and of its
+        # content has been sent. With tools, content that may be (the start of) a call is
+        # held back until it is known.
+        raw: dict[int, str] = {}
+        sent_reasoning: dict[int, int] = {}
         sent: dict[int, int] = {}
-        held: dict[int, str] = {}
-        try:
-            async for out in gen:
-                for c in out.outputs:
-                    completion_tokens += len(c.token_ids)
-                    text = c.text
-                    if mode.kind != "none":
-                        held[c.index] = held.get(c.index, "") + text
-                        text = self._streamable(held[c.index], sent, c.index, mode)
-                    if text or (c.token_ids and mode.kind == "none"):
-                        yield chunk(
-                            ChatChunkChoice(
-                                index=c.index,
-                                delta=DeltaMessage(content=text),
-                                logprobs=self._logprobs(c, req.top_logprobs or 0)
-                                if req.logprobs
-                                else None,
-                            )
+        async for out in gen:
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                i = c.index
+                raw[i] = raw.get(i, "") + c.text
+                done = c.finish_reason is not None
+                reasoning, answer = self._split_reasoning(raw[i], final=done)
+                think = reasoning[sent_reasoning.get(i, 0) :]
+                sent_reasoning[i] = len(reasoning)
+                if mode.kind == "none":
+                    text = answer[sent.get(i, 0) :]
+                    sent[i] = len(answer)
+                elif done:
+                    text = ""  # the rest is sent below, once the calls are known
+                else:
+                    text = self._streamable(answer, sent, i, mode)
+                if think or text or (c.token_ids and mode.kind == "none"):
+                    yield chunk(
+                        ChatChunkChoice(
+                            index=i,
+                            delta=DeltaMessage(
+                                content=text if text or not think else None,
+                                reasoning_content=think or None,
+                            ),
+                            logprobs=self._logprobs(c, req.top_logprobs or 0)
+                            if req.logprobs
+                            else None,
                         )
-                    if c.finish_reason is not None:
-                        finish = c.finish_reason
-                        if mode.kind != "none":
-                            whole = held.get(c.index, "")
-                            content, calls, finish = self._tool_calls(whole, c.finish_reason, mode)
-                            rest = (content or "")[sent.get(c.index, 0) :] if not calls else ""
-                            if calls:
-                                before = (content or "")[sent.get(c.index, 0) :]
-                                if before:
-                                    yield chunk(
-                                        ChatChunkChoice(
-                                            index=c.index, delta=DeltaMessage(content=before)
-                                        )
-                                    )
-                                for k, call in enumerate(calls):
-                                    for delta in _tool_call_deltas(k, call):
-                                        yield chunk(ChatChunkChoice(index=c.index, delta=delta))
-                            elif rest:
-                                yield chunk(
-                                    ChatChunkChoice(index=c.index, delta=DeltaMessage(content=rest))
-                                )
-                        yield chunk(
-                            ChatChunkChoice(
-                                index=c.index,
-                                delta=DeltaMessage(),
-                                finish_reason=finish,
-                                stop_reason=c.stop_reason,
-                            )
-                        )
-                if out.finished:
-                    prompt_tokens = len(out.prompt_token_ids)
-                    cached = out.num_cached_tokens
-            if include_usage:
-                usage = UsageInfo.of(prompt_tokens, completion_tokens, cached)
-                yield sse(
-                    ChatCompletionChunk(
-                        id=request_id, created=created, model=model, choices=[], usage=usage
+                    )
+                if not done:
+                    continue
+                content, calls, finish = self._tool_calls(answer, c.finish_reason, mode)
+                rest = (content or "")[sent.get(i, 0) :]
+                if rest:
+                    yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(content=rest)))
+                for k, call in enumerate(calls):
+                    for delta in _tool_call_deltas(k, call):
+                        yield chunk(ChatChunkChoice(index=i, delta=delta))
+                yield chunk(
+                    ChatChunkChoice(
+                        index=i,
+                        delta=DeltaMessage(),
+                        finish_reason=finish,
+                        stop_reason=c.stop_reason,
                     )
                 )
-        except Exception as e:  # the stream still ends properly
-            yield stream_error(e)
-        yield SSE_DONE
+            if out.finished:
+                prompt_tokens = len(out.prompt_token_ids)
+                cached = out.num_cached_tokens
+        usage = UsageInfo.of(prompt_tokens, completion_tokens, cached)
+        yield ChatCompletionChunk(
+            id=request_id, created=created, model=model, choices=[], usage=usage
+        )
 
     def _streamable(self, held: str, sent: dict[int, int], index: int, mode: ToolMode) -> str:
         """The new content that can be streamed now: none while a forced call is being

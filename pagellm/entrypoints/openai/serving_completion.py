@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 from pagellm.entrypoints.openai.protocol import (
@@ -28,6 +29,25 @@ from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
 
 
+def _scoring(req: CompletionRequest) -> bool:
+    """echo with max_tokens 0: the legacy way to score a text (the prompt's logprobs)."""
+    return bool(req.echo) and req.max_tokens == 0
+
+
+def _prompt_only(comp: CompletionOutput) -> CompletionOutput:
+    """A scoring request's output: the one token the engine sampled is not part of it."""
+    done = comp.finish_reason is not None
+    return replace(
+        comp,
+        text="",
+        token_ids=[],
+        logprobs=[],
+        cumulative_logprob=None,
+        finish_reason="length" if done else None,
+        stop_reason=None,
+    )
+
+
 class OpenAIServingCompletion(OpenAIServing):
     def _prepare(
         self, req: CompletionRequest
@@ -43,11 +63,18 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError.bad_request(
                 f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs"
             )
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError.bad_request(
+                "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                "max_tokens",
+            )
         kind = RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
         tokenized = [self.tokenize_prompt(p, req.add_special_tokens) for p in prompts]
         params = []
         for _, ids in tokenized:
-            max_tokens = self.resolve_max_tokens(len(ids), req.max_tokens)
+            # Scoring (echo, max_tokens 0): the engine samples one token, which is dropped.
+            wanted = 1 if _scoring(req) else req.max_tokens
+            max_tokens = self.resolve_max_tokens(len(ids), wanted)
             try:
                 p = req.sampling_params(max_tokens, req.logprobs, kind)
                 if req.echo and req.logprobs is not None and p.prompt_logprobs is None:
@@ -85,6 +112,8 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.num_cached_tokens
             for comp in out.outputs:
+                if _scoring(req):
+                    comp = _prompt_only(comp)
                 completion_tokens += len(comp.token_ids)
                 text = comp.text
                 logprobs = None
@@ -126,6 +155,8 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for i, out in merge_async_iterators(*generators):
                 for comp in out.outputs:
+                    if _scoring(req):
+                        comp = _prompt_only(comp)
                     index = i * req.n + comp.index
                     text = comp.text
                     if req.echo and index not in echoed:
@@ -133,8 +164,11 @@ class OpenAIServingCompletion(OpenAIServing):
                         text = self._prompt_text(tokenized[i][0], out) + text
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs = self._logprobs(comp, req.logprobs, None, offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + len(comp.text)
+                        first = req.echo and offsets.get(index) is None
+                        logprobs = self._logprobs(
+                            comp, req.logprobs, out if first else None, offsets.get(index, 0)
+                        )
+                        offsets[index] = offsets.get(index, 0) + len(text)
                     completion_tokens += len(comp.token_ids)
                     if not text and comp.finish_reason is None and not comp.token_ids:
                         continue

@@ -12,7 +12,11 @@ Parsers (``--tool-call-parser``), a registry keyed by name:
 "required" and a named function the output is constrained (structured outputs) to JSON
 that is already the call(s), so the arguments always parse whatever the model's
 native format: a named function's output is its arguments object; "required" gives an
-array of {"name", "parameters"} (one item unless parallel_tool_calls).
+array of {"name", "parameters"} (one item when parallel_tool_calls is false, at most
+twice the number of tools and never over MAX_PARALLEL_CALLS otherwise; a repeated call
+is given once, and a reply cut short by max_tokens keeps the calls it wrote whole).
+The arguments are strict: an object schema that lists properties allows only those
+keys (see structured_output.strict_schema).
 """
 
 from __future__ import annotations
@@ -184,17 +188,42 @@ def required_schema(schemas: dict[str, dict[str, Any]], parallel: bool) -> dict[
         }
         for name, params in schemas.items()
     ]
-    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
+    # Parallel calls are bounded: a small model asked for "one or more" tends to repeat
+    # its call until max_tokens.
+    most = min(MAX_PARALLEL_CALLS, 2 * len(schemas)) if parallel else 1
+    return {"type": "array", "items": {"anyOf": items}, "minItems": 1, "maxItems": most}
 
 
-def calls_from_required(text: str) -> list[ParsedToolCall]:
-    """The calls in a constrained 'required' reply."""
-    return [
-        ParsedToolCall(c["name"], _arguments_text(c.get("parameters"))) for c in json.loads(text)
-    ]
+MAX_PARALLEL_CALLS = 8
+"""The most calls one constrained ("required") reply may make."""
+
+
+def calls_from_required(text: str, complete: bool = True) -> list[ParsedToolCall]:
+    """The calls in a constrained 'required' reply, each distinct call once. With
+    ``complete=False`` (the reply was cut short) the calls written whole are kept."""
+    items: list[Any]
+    if complete:
+        items = json.loads(text)
+    else:
+        items, decoder = [], json.JSONDecoder()
+        pos = text.find("[") + 1
+        while 0 < pos < len(text):
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                break
+            items.append(obj)
+    calls, seen = [], set()
+    for c in items:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            continue
+        args = _arguments_text(c.get("parameters"))
+        if (c["name"], args) not in seen:
+            seen.add((c["name"], args))
+            calls.append(ParsedToolCall(c["name"], args))
+    return calls
 
 
 def tools_system_prompt(tools: list[dict[str, Any]], parser: ToolParser) -> str:
