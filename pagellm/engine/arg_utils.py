@@ -45,6 +45,48 @@ _DTYPE_ALIASES = {
     "fp16": "float16",
     "half": "float16",
 }
+# vLLM's "fp8" KV cache is e4m3 (scaled per tensor); pagellm's fp8_e4m3 is the same format.
+_KV_CACHE_DTYPE_ALIASES = {**_DTYPE_ALIASES, "fp8": "fp8_e4m3", "fp8_e4m3fn": "fp8_e4m3"}
+# The structured-output engines pagellm ships (vLLM's outlines, lm-format-enforcer: refused).
+_STRUCTURED_BACKENDS = ("auto", "llguidance", "xgrammar")
+_DEFAULT_MAX_LORAS = 1
+_DEFAULT_MAX_LORA_RANK = 64
+_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+# Messages of _warn_once already logged in this process: a flag that has no effect says
+# so once, not once per engine.
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str, *args: Any) -> None:
+    text = msg % args if args else msg
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning("%s", text)
+
+
+def _dtype_arg(value: str) -> str:
+    """--dtype: vLLM's spellings (half, float, bf16, ...) are aliases of pagellm's."""
+    return _DTYPE_ALIASES.get(value, value)
+
+
+def _kv_cache_dtype_arg(value: str) -> str:
+    dtype = _KV_CACHE_DTYPE_ALIASES.get(value, value)
+    if dtype not in _KV_CACHE_DTYPES:
+        raise argparse.ArgumentTypeError(_kv_cache_dtype_message(value))
+    return dtype
+
+
+def _kv_cache_dtype_message(value: str) -> str:
+    return (
+        f"kv_cache_dtype {value!r} is not supported; pagellm has "
+        f"{', '.join(_KV_CACHE_DTYPES)} (fp8 = fp8_e4m3; there is no fp8_e5m2 cache)"
+    )
+
+
+def _parallel_refusal(name: str, size: int) -> str:
+    return (
+        f"{name}={size} is not yet supported (issue 23/25); pagellm runs one process (use {name}=1)"
+    )
 
 
 def _every_layer_slides(hf_config: Any, arch: str) -> bool:
@@ -72,7 +114,7 @@ class EngineArgs:
     quantization: str = "auto"
     """auto (what the checkpoint holds), none, gguf, int8, int4, awq or gptq."""
     quantization_group_size: int = 32
-    """int4: input channels per scale, 32 or 128."""
+    """int4: input channels per scale, 32 or 128 (the CLI refuses it without int4)."""
     max_model_len: int | None = None
     """Most tokens per request (prompt + output); default: the model's context length."""
     seed: int = 0
@@ -91,14 +133,15 @@ class EngineArgs:
     """Tokens per KV block."""
     kv_cache_memory: int | str | None = None
     """Bytes for the KV cache ("4GiB" works too); default 4 GiB on CPU."""
-    gpu_memory_utilization: float = 0.9
-    """Share of GPU memory pagellm may use."""
+    gpu_memory_utilization: float | None = None
+    """Share of GPU memory pagellm may use; default 0.9. No effect on CPU (warned): the
+    KV cache there is sized by kv_cache_memory."""
     num_gpu_blocks_override: int | None = None
     """Force the number of KV blocks."""
     enable_prefix_caching: bool = True
     """Reuse the KV of identical prompt prefixes."""
     kv_cache_dtype: str = "auto"
-    """auto (the run dtype), float32, bfloat16, float16, fp8_e4m3 or int8."""
+    """auto (the run dtype), float32, bfloat16, float16, fp8_e4m3 (vLLM's fp8) or int8."""
     max_num_seqs: int = 256
     """Most requests per step."""
     max_num_batched_tokens: int | None = None
@@ -111,12 +154,12 @@ class EngineArgs:
     under memory pressure, preempted last."""
     enable_lora: bool = False
     """Serve PEFT LoRA adapters (LoRARequest per prompt; the server's --lora-modules)."""
-    max_loras: int = 1
-    """Most distinct adapters in one step."""
-    max_lora_rank: int = 64
-    """Largest adapter rank accepted."""
+    max_loras: int | None = None
+    """Most distinct adapters in one step; default 1 (needs enable_lora)."""
+    max_lora_rank: int | None = None
+    """Largest adapter rank accepted; default 64 (needs enable_lora)."""
     max_cpu_loras: int | None = None
-    """Adapters kept loaded in host memory (LRU); default: max_loras."""
+    """Adapters kept loaded in host memory (LRU); default: max_loras (needs enable_lora)."""
     pooling: str = "last"
     """Embeddings (LLM.embed, /v1/embeddings): last or mean pooling of the final hidden
     states, normalized."""
@@ -125,8 +168,37 @@ class EngineArgs:
     "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b} or
     {"method": "draft_model", "model": PATH, "num_speculative_tokens": k,
     "quantization": ...}; "disable_by_batch_size" pauses it above that many requests."""
+    speculative_model: str | None = None
+    """vLLM's older spelling: the draft model ("[ngram]": n-gram lookup); with
+    num_speculative_tokens it becomes speculative_config."""
+    num_speculative_tokens: int | None = None
+    """vLLM's older spelling of speculative_config's num_speculative_tokens."""
     log_stats: bool = False
     """Log throughput and KV usage periodically."""
+
+    # ---- vLLM options with one meaning in a one-process engine -----------------------
+    tensor_parallel_size: int = 1
+    """Tensor-parallel workers; 1 (more is refused until issues 23/25 land)."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages; 1 (more is refused until issues 23/25 land)."""
+    data_parallel_size: int = 1
+    """Engine replicas; 1 (more is refused until issues 23/25 land)."""
+    distributed_executor_backend: str | None = None
+    """vLLM's mp, ray, uni or external_launcher: with one process there is nothing to
+    distribute (warned when set)."""
+    trust_remote_code: bool = False
+    """Accepted for vLLM compatibility: pagellm runs only its own model classes, so no
+    checkpoint code is ever executed (warned when set)."""
+    swap_space: float | None = None
+    """vLLM's CPU swap space (GiB): pagellm preempts by recomputation and keeps no swap
+    tier (issue 26), so any value is warned about and has no effect."""
+    cpu_offload_gb: float = 0
+    """vLLM's weight offload to host memory (GiB): 0; on CPU the weights already live in
+    host memory; on GPU more than 0 is refused (issue 26)."""
+    enforce_eager: bool = False
+    """Accepted: pagellm never captures CUDA graphs, so it always runs eagerly."""
+    load_format: str = "auto"
+    """auto: the format is found from the path (safetensors directory or .gguf file)."""
 
     # ---- resolution -------------------------------------------------------------------
 
@@ -163,9 +235,33 @@ class EngineArgs:
 
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "num_threads", "num_gpu_blocks_override", "max_loras", "max_lora_rank",
-                     "max_cpu_loras"):  # fmt: skip
+                     "max_cpu_loras", "tensor_parallel_size", "pipeline_parallel_size",
+                     "data_parallel_size", "num_speculative_tokens"):  # fmt: skip
             positive(name)
-        if self.structured_outputs_backend not in ("auto", "llguidance", "xgrammar"):
+        self._check_parallel()
+        if not self.enable_lora:
+            given = [n for n in ("max_loras", "max_lora_rank", "max_cpu_loras")
+                     if getattr(self, n) is not None]  # fmt: skip
+            if given:
+                flags = ", ".join("--" + n.replace("_", "-") for n in given)
+                raise ValueError(
+                    f"{flags} {'apply' if len(given) > 1 else 'applies'} only with "
+                    "--enable-lora (enable_lora=True)"
+                )
+        self._speculative_spec()
+        if self.load_format != "auto":
+            raise ValueError(
+                f"load_format {self.load_format!r} is not supported; pagellm uses auto: the "
+                "format follows the path (a safetensors directory or a .gguf file)"
+            )
+        if self.cpu_offload_gb < 0 or (self.swap_space is not None and self.swap_space < 0):
+            raise ValueError("cpu_offload_gb and swap_space must be non-negative")
+        if self.distributed_executor_backend not in (None, "mp", "ray", "uni", "external_launcher"):
+            raise ValueError(
+                "distributed_executor_backend must be mp, ray, uni or external_launcher, got "
+                f"{self.distributed_executor_backend!r}"
+            )
+        if self.structured_outputs_backend not in _STRUCTURED_BACKENDS:
             raise ValueError(
                 "structured_outputs_backend must be auto, llguidance or xgrammar, got "
                 f"{self.structured_outputs_backend!r}"
@@ -182,16 +278,90 @@ class EngineArgs:
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
             )
-        if self.kv_cache_dtype not in _KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(_KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
-            )
+        if (
+            _KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+            not in _KV_CACHE_DTYPES
+        ):
+            raise ValueError(_kv_cache_dtype_message(self.kv_cache_dtype))
         if self.cpu_isa not in ("auto", "avx512", "avx2"):
             raise ValueError(f"cpu_isa must be auto, avx512 or avx2, got {self.cpu_isa!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
             )
+
+    def _check_parallel(self) -> None:
+        # The one place that refuses parallelism: remove it when TP/PP/DP land.
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            size = getattr(self, name)
+            if size != 1:
+                raise ValueError(_parallel_refusal(name, size))
+
+    def _check_for_device(self, device: str) -> None:
+        """Options whose effect depends on the device: refuse or warn once, never ignore."""
+        if self.cpu_offload_gb > 0 and device != "cpu":
+            raise ValueError(
+                f"cpu_offload_gb={self.cpu_offload_gb:g} is not supported yet (issue 26 adds "
+                "memory tiers); to fit a smaller GPU use --quantization int8/int4 (or an "
+                "awq/gptq/gguf checkpoint) and --kv-cache-memory / --max-model-len"
+            )
+        if self.swap_space:
+            _warn_once(
+                "swap_space=%g GiB has no effect: pagellm preempts by recomputation and keeps "
+                "no CPU swap tier (issue 26)",
+                self.swap_space,
+            )
+        if self.gpu_memory_utilization is not None and device == "cpu":
+            _warn_once(
+                "gpu_memory_utilization=%g has no effect on CPU (like vLLM's CPU backend, "
+                "which reads VLLM_CPU_KVCACHE_SPACE): size the KV cache with --kv-cache-memory",
+                self.gpu_memory_utilization,
+            )
+        if self.trust_remote_code:
+            _warn_once(
+                "trust_remote_code has no effect: pagellm runs only its own model "
+                "implementations and never executes code from a checkpoint"
+            )
+        if self.distributed_executor_backend not in (None, "uni"):
+            _warn_once(
+                "distributed_executor_backend=%s has no effect: pagellm runs one process "
+                "(multi-process executors come with issues 23/25)",
+                self.distributed_executor_backend,
+            )
+
+    def _speculative_spec(self) -> dict[str, Any] | None:
+        """speculative_config as a dict, merged with vLLM's older --speculative-model and
+        --num-speculative-tokens; checks what needs no model."""
+        spec = self.speculative_config
+        if isinstance(spec, str):
+            if not spec.strip():
+                spec = None
+            else:
+                try:
+                    spec = json.loads(spec)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        if self.speculative_model is None and self.num_speculative_tokens is None:
+            return None if spec is None else dict(spec)
+        if spec is not None:
+            raise ValueError(
+                "give speculative decoding either as --speculative-config or as "
+                "--speculative-model/--num-speculative-tokens, not both"
+            )
+        if self.speculative_model is None:
+            raise ValueError(
+                "--num-speculative-tokens needs a method: --speculative-model PATH (a draft "
+                "model), --speculative-model '[ngram]', or --speculative-config "
+                '\'{"method": "ngram", "num_speculative_tokens": N}\''
+            )
+        if self.num_speculative_tokens is None:
+            raise ValueError("--speculative-model needs --num-speculative-tokens N")
+        return {
+            "model": self.speculative_model,
+            "num_speculative_tokens": self.num_speculative_tokens,
+        }
 
     def create_engine_config(self) -> EngineConfig:
         from pagellm.models.loader import (
@@ -203,6 +373,7 @@ class EngineArgs:
 
         self._check()
         device = self._resolve_device()
+        self._check_for_device(device)
         dtype = self._resolve_dtype(device)
         model_path = resolve_model_path(self.model, self.revision)
         hf_config, arch = load_hf_config(model_path)
@@ -256,15 +427,19 @@ class EngineArgs:
             pooling=self.pooling,
         )
         kv_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
+        kv_dtype = _KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        max_loras = self.max_loras or _DEFAULT_MAX_LORAS
         return EngineConfig(
             model=model_config,
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_memory=kv_memory,
-                gpu_memory_utilization=self.gpu_memory_utilization,
+                gpu_memory_utilization=_DEFAULT_GPU_MEMORY_UTILIZATION
+                if self.gpu_memory_utilization is None
+                else self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 enable_prefix_caching=self.enable_prefix_caching,
-                kv_cache_dtype=dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype,
+                kv_cache_dtype=dtype if kv_dtype == "auto" else kv_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -285,9 +460,9 @@ class EngineArgs:
                 else self.structured_outputs_backend
             ),
             lora=LoRAConfig(
-                max_loras=self.max_loras,
-                max_lora_rank=self.max_lora_rank,
-                max_cpu_loras=max(self.max_cpu_loras or self.max_loras, self.max_loras),
+                max_loras=max_loras,
+                max_lora_rank=self.max_lora_rank or _DEFAULT_MAX_LORA_RANK,
+                max_cpu_loras=max(self.max_cpu_loras or max_loras, max_loras),
             )
             if self.enable_lora
             else None,
@@ -297,17 +472,9 @@ class EngineArgs:
 
     def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
         """Parse and check --speculative-config against the target model."""
-        spec = self.speculative_config
-        if spec is None or spec == "":
+        spec = self._speculative_spec()
+        if spec is None:
             return None
-        if isinstance(spec, str):
-            try:
-                spec = json.loads(spec)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-        if not isinstance(spec, dict):
-            raise ValueError("speculative_config must be a JSON object")
-        spec = dict(spec)
         known = {"method", "model", "num_speculative_tokens", "prompt_lookup_min",
                  "prompt_lookup_max", "quantization", "disable_by_batch_size"}  # fmt: skip
         unknown = sorted(set(spec) - known)
@@ -393,12 +560,19 @@ class EngineArgs:
     def add_cli_args(
         parser: argparse.ArgumentParser, with_model: bool = True, skip: tuple[str, ...] = ()
     ) -> None:
-        """Add every engine option as a --kebab-case flag (minus the dests in ``skip``)."""
+        """Add every engine option as a --kebab-case flag (minus the dests in ``skip``).
+
+        vLLM's spellings are accepted (docs/vllm_flags.md): its value aliases, its older
+        flags (--speculative-model, --guided-decoding-backend) and the options a
+        one-process engine can only honour at their single-process value (-tp 1). The
+        command line normalises --snake_case to --kebab-case (pagellm.entrypoints.cli).
+        """
         g = parser.add_argument_group("engine options")
 
-        def add(flag: str, **kw: Any) -> None:
-            if (kw.get("dest") or flag[2:].replace("-", "_")) not in skip:
-                g.add_argument(flag, **kw)
+        def add(*flags: str, **kw: Any) -> None:
+            long = next(f for f in flags if f.startswith("--"))
+            if (kw.get("dest") or long[2:].replace("-", "_")) not in skip:
+                g.add_argument(*flags, **kw)
 
         if with_model:
             add("--model", default=None, help="model directory, .gguf file or hub id "
@@ -407,13 +581,14 @@ class EngineArgs:
         add("--revision", default=None, help="hub revision")
         add("--served-model-name", default=None, help="name the model answers to")
         add("--chat-template", default=None, help="Jinja chat template file")
-        add("--dtype", default="auto", choices=_DTYPES)
-        add("--quantization", default="auto",
+        add("--dtype", default="auto", type=_dtype_arg, choices=_DTYPES,
+            help="run dtype; vLLM's half/fp16, bf16 and float/fp32 are aliases")  # fmt: skip
+        add("--quantization", "-q", default="auto",
             choices=("auto", "none", "gguf", "int8", "int4", "awq", "gptq"),
             help="weight storage: auto keeps what the checkpoint holds (GGUF blocks, AWQ/GPTQ "
             "codes); none dequantizes to --dtype; int8/int4 quantize float weights at load")  # fmt: skip
-        add("--quantization-group-size", type=int, default=32, choices=(32, 128),
-            help="int4: input channels per scale")  # fmt: skip
+        add("--quantization-group-size", type=int, default=None, choices=(32, 128),
+            help="--quantization int4 only: input channels per scale (default 32)")  # fmt: skip
         add("--max-model-len", type=int, default=None, help="most tokens per request")
         add("--seed", type=int, default=0, help="seed of the engine's random generator")
         add("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -425,37 +600,125 @@ class EngineArgs:
             help="build of the CPU kernels (auto: the best this CPU supports)")  # fmt: skip
         add("--block-size", type=int, default=16, help="tokens per KV block")
         add("--kv-cache-memory", default=None, help="KV cache bytes, e.g. 4GiB (CPU default 4GiB)")
-        add("--gpu-memory-utilization", type=float, default=0.9)
+        add("--gpu-memory-utilization", type=float, default=None,
+            help="share of GPU memory to use (default 0.9); no effect on CPU, where "
+            "--kv-cache-memory sizes the cache")  # fmt: skip
         add("--num-gpu-blocks-override", type=int, default=None)
-        add("--kv-cache-dtype", default="auto", choices=_KV_CACHE_DTYPES,
-            help="KV cache storage (auto: the run dtype; int8 keeps a scale per token and head)")  # fmt: skip
+        add("--kv-cache-dtype", default="auto", type=_kv_cache_dtype_arg,
+            help=f"KV cache storage: {', '.join(_KV_CACHE_DTYPES)} (auto: the run dtype; fp8 = "
+            "fp8_e4m3; int8 keeps a scale per token and head)")  # fmt: skip
         add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
             help="reuse KV blocks of identical prompt prefixes")  # fmt: skip
+        add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+            help="accepted: pagellm always chunks prefills within --max-num-batched-tokens")  # fmt: skip
         add("--max-num-seqs", type=int, default=256, help="most requests per step")
         add("--max-num-batched-tokens", type=int, default=None,
             help="token budget per step (default 512 on CPU, 8192 on GPU)")  # fmt: skip
-        add("--structured-outputs-backend", default="auto", choices=("auto", "llguidance", "xgrammar"),
+        add("--structured-outputs-backend", default="auto", choices=_STRUCTURED_BACKENDS,
             help="grammar engine of structured outputs (JSON schema, regex, choice, grammar)")  # fmt: skip
+        add("--guided-decoding-backend", dest="structured_outputs_backend",
+            default=argparse.SUPPRESS, help="vLLM's older name of --structured-outputs-backend")  # fmt: skip
+        add("--structured-outputs-config", default=None, metavar="JSON",
+            help='vLLM\'s form, e.g. \'{"backend": "xgrammar"}\' (only "backend" is read)')  # fmt: skip
         add("--scheduling-policy", default="fcfs", choices=("fcfs", "priority"),
             help="fcfs, or priority (the request field `priority`: lower first)")  # fmt: skip
         add("--enable-lora", action="store_true",
             help="serve PEFT LoRA adapters (requests pick one by model name)")  # fmt: skip
-        add("--max-loras", type=int, default=1, help="most distinct adapters in one step")
-        add("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+        add("--max-loras", type=int, default=None,
+            help="with --enable-lora: most distinct adapters in one step (default 1)")  # fmt: skip
+        add("--max-lora-rank", type=int, default=None,
+            help="with --enable-lora: largest adapter rank accepted (default 64)")  # fmt: skip
         add("--max-cpu-loras", type=int, default=None,
-            help="adapters kept loaded in host memory, LRU (default: --max-loras)")  # fmt: skip
+            help="with --enable-lora: adapters kept in host memory, LRU (default: --max-loras)")  # fmt: skip
         add("--speculative-config", default=None,
             help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
             '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": PATH, '
             '"num_speculative_tokens": 3}\'')  # fmt: skip
+        add("--speculative-model", default=None,
+            help="vLLM's older form: draft model path ('[ngram]': n-gram lookup), with "
+            "--num-speculative-tokens")  # fmt: skip
+        add("--num-speculative-tokens", type=int, default=None,
+            help="tokens proposed per step, with --speculative-model")  # fmt: skip
         add("--pooling", default="last", choices=("last", "mean"),
             help="embeddings: pool the final hidden states of the last token or the mean")  # fmt: skip
         add("--log-stats", action="store_true", help="log throughput periodically")
+        add("--disable-log-stats", dest="log_stats", action="store_false",
+            default=argparse.SUPPRESS, help="vLLM's: do not log throughput (the default)")  # fmt: skip
+        g = parser.add_argument_group(
+            "vLLM options of a one-process engine", "accepted with their single-process "
+            "meaning; see docs/vllm_flags.md",
+        )  # fmt: skip
+        add("--tensor-parallel-size", "-tp", type=int, default=1,
+            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+        add("--pipeline-parallel-size", "-pp", type=int, default=1,
+            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+        add("--data-parallel-size", "-dp", type=int, default=1,
+            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+        add("--distributed-executor-backend", default=None,
+            choices=("mp", "ray", "uni", "external_launcher"),
+            help="no effect in one process (warned)")  # fmt: skip
+        add("--trust-remote-code", action="store_true",
+            help="no effect: pagellm runs only its own model classes (warned)")  # fmt: skip
+        add("--swap-space", type=float, default=None,
+            help="GiB; no effect: preemption recomputes, no swap tier yet (issue 26; warned)")  # fmt: skip
+        add("--cpu-offload-gb", type=float, default=0,
+            help="0; on CPU the weights are in host memory already; >0 on GPU: refused (issue 26)")  # fmt: skip
+        add("--enforce-eager", action="store_true",
+            help="accepted: pagellm never captures CUDA graphs, it always runs eagerly")  # fmt: skip
+        add("--load-format", default="auto",
+            help="auto only: the format follows the path (safetensors directory or .gguf)")  # fmt: skip
+        add("--download-dir", default=None,
+            help="refused: set HF_HUB_CACHE instead")  # fmt: skip
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The EngineArgs of parsed flags; combinations that cannot act raise ValueError
+        (the command line turns it into a usage error, exit status 2)."""
+        values = vars(args)
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        kw = {k: v for k, v in values.items() if k in names}
+        positional = values.get("model_positional")  # `serve MODEL`, vLLM's form
+        if positional:
+            if kw.get("model") and kw["model"] != positional:
+                raise ValueError(
+                    f"the model is given twice: MODEL {positional!r} and --model {kw['model']!r}"
+                )
+            kw["model"] = positional
+        if values.get("lora_modules"):
+            kw["enable_lora"] = True  # naming adapters is asking for LoRA
+        if kw.get("quantization_group_size") is None:
+            kw.pop("quantization_group_size", None)
+        elif kw.get("quantization") != "int4" and '"int4"' not in str(
+            values.get("speculative_config") or ""
+        ):
+            raise ValueError(
+                "--quantization-group-size applies only to --quantization int4 (got "
+                f"--quantization {kw.get('quantization')})"
+            )
+        if values.get("enable_chunked_prefill") is False:
+            raise ValueError(
+                "--no-enable-chunked-prefill is not supported: pagellm always chunks prefills; "
+                "raise --max-num-batched-tokens to --max-model-len to prefill in one step"
+            )
+        if values.get("download_dir"):
+            raise ValueError(
+                "--download-dir is not supported: set HF_HUB_CACHE=DIR (pagellm downloads "
+                "through huggingface_hub's cache)"
+            )
+        so_config = values.get("structured_outputs_config")
+        if so_config:
+            try:
+                so = json.loads(so_config)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--structured-outputs-config is not valid JSON: {e}") from None
+            if not isinstance(so, dict) or set(so) - {"backend"}:
+                raise ValueError(
+                    '--structured-outputs-config: pagellm reads only {"backend": ...} '
+                    f"({', '.join(_STRUCTURED_BACKENDS)}), got {so_config}"
+                )
+            if "backend" in so:
+                kw["structured_outputs_backend"] = so["backend"]
+        return cls(**kw)
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,28 @@ from pagellm import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
+# Engine options `pagellm generate` cannot use (one prompt, no server): left off its parser
+# rather than accepted and ignored.
+GENERATE_SKIPS = (
+    "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "pooling",
+    "served_model_name", "structured_outputs_backend", "structured_outputs_config",
+    "scheduling_policy",
+)  # fmt: skip
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """vLLM accepts ``--foo_bar`` (and ``--foo_bar=value``) for ``--foo-bar``: so does
+    pagellm. Only option names change, never values; ``--`` ends the options."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling")
@@ -82,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
-    EngineArgs.add_cli_args(gen)
+    EngineArgs.add_cli_args(gen, skip=GENERATE_SKIPS)
     add_sampling_args(gen)
     gen.set_defaults(handler=_generate)
 
@@ -106,9 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parse the command line (vLLM's spellings included) and check the engine options
+    without loading a model: a configuration error exits with status 2 and one line on
+    stderr, as argparse's own errors do."""
+    from pagellm.engine.arg_utils import EngineArgs
+
+    parser = parser or build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    if hasattr(args, "kv_cache_dtype"):  # a command with engine options
+        try:
+            EngineArgs.from_cli_args(args)._check()
+        except ValueError as e:
+            _subparser(parser, args).error(str(e))
+    return args
+
+
+def _subparser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command's own parser, so that its error names it (``pagellm serve: error``)."""
+    for dest in ("command", "bench"):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not actions or name not in actions[0].choices:
+            break
+        parser = actions[0].choices[name]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,6 +1,7 @@
 """``pagellm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
-Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /tokenize,
+Routes: /v1/completions, /v1/chat/completions, /v1/responses (OpenAI Responses API),
+/v1/messages and /v1/messages/count_tokens (Anthropic Messages API), /v1/embeddings, /v1/models, /tokenize,
 /detokenize, /generate (legacy), /health, /version, /metrics. With --api-key (or PAGELLM_API_KEY)
 every route except /health, /version and /metrics needs ``Authorization: Bearer KEY``.
 Every error is an OpenAI error body; unexpected ones are logged with their traceback
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from pagellm.entrypoints.anthropic.serving_messages import add_messages_routes
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,6 +54,7 @@ from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
+from pagellm.entrypoints.openai.serving_responses import add_responses_routes
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -240,6 +243,9 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
 
+    add_messages_routes(app, chat)
+
+    add_responses_routes(app, chat)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -468,5 +474,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--allowed-headers", default=None, help="CORS headers (default: all)")
     p.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     p.add_argument("--uvicorn-log-level", default="warning")
+    # vLLM flags whose behaviour pagellm always has (docs/vllm_flags.md): accepted, they act.
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted: tool_choice auto is always served (see --tool-call-parser)")  # fmt: skip
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted: pagellm never logs request contents")  # fmt: skip
     EngineArgs.add_cli_args(p)
     p.set_defaults(handler=run)
+
+
+if __name__ == "__main__":
+    # vLLM's old entry point: `python -m pagellm.entrypoints.openai.api_server --model X ...`
+    # is `pagellm serve --model X ...`.
+    import sys
+
+    from pagellm.entrypoints import cli
+
+    sys.exit(cli.main(["serve", *sys.argv[1:]]))
