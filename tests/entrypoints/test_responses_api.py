@@ -421,9 +421,9 @@ def test_reasoning_items_streamed_and_not() -> None:
     # The store holds one: the streamed response evicted the first.
     assert len(serving.store) == 1
     with pytest.raises(APIError) as e:
-        serving.get(full["id"])
+        serving.store.get(full["id"])
     assert e.value.status == 404 and full["id"] in e.value.message
-    assert serving.get(final.id)["id"] == final.id
+    assert serving.store.get(final.id).response["id"] == final.id
 
 
 def test_input_items_become_chat_messages() -> None:

@@ -42,8 +42,6 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from pagellm.entrypoints.anthropic.protocol import (
@@ -57,7 +55,7 @@ from pagellm.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     UsageInfo,
 )
-from pagellm.entrypoints.openai.serving_base import APIError
+from pagellm.entrypoints.openai.serving_base import APIError, error_of
 from pagellm.utils import random_uuid
 
 if TYPE_CHECKING:
@@ -73,22 +71,6 @@ _SUPPORTED_BLOCKS = "text, tool_use, tool_result and thinking"
 
 def _bad(message: str, param: str | None = None) -> APIError:
     return APIError.bad_request(message, param)
-
-
-def _api_error(e: Exception) -> APIError:
-    """An exception met mid-stream as the error to report (unexpected ones are logged)."""
-    from pagellm.engine.async_llm import EngineDeadError, QueueFullError
-
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, EngineDeadError):
-        return APIError.engine_dead()
-    if isinstance(e, QueueFullError):
-        return APIError.queue_full(str(e))
-    if isinstance(e, ValueError):
-        return APIError.bad_request(str(e))
-    logger.error("error while streaming a message", exc_info=e)
-    return APIError(500, "Internal server error.", "server_error")
 
 
 def _unsupported(kind: Any, where: str) -> APIError:
@@ -323,31 +305,23 @@ class AnthropicServingMessages:
             loc = ".".join(str(p) for p in first.get("loc", ()))
             raise _bad(f"{loc}: {first.get('msg', 'invalid value')}") from None
 
-    def prompt_ids(self, creq: ChatCompletionRequest) -> list[int]:
-        """The prompt's token ids as the chat layer renders it (tools included unless
-        tool_choice is "none")."""
-        tools = creq.tools if creq.tools and creq.tool_choice != "none" else None
-        text = self.chat.render_prompt(creq, tools)
-        return self.chat.tokenize_prompt(text, add_special_tokens=False)[1]
-
     def count_tokens(self, req: CountTokensRequest) -> dict[str, int]:
-        self.chat.check_model(req.model)
-        return {"input_tokens": len(self.prompt_ids(self.chat_request(req)))}
+        """The prompt's token count as /v1/messages renders it (tools included unless
+        tool_choice is "none"), after the same checks."""
+        return {"input_tokens": len(self.chat.prepare(self.chat_request(req)).ids)}
 
     async def create(self, req: MessagesRequest) -> dict[str, Any] | AsyncGenerator[str, None]:
         """The reply message, or for ``stream`` its SSE events."""
-        model = self.chat.check_model(req.model)
         creq = self.chat_request(req)
-        num_prompt = len(self.prompt_ids(creq))
-        room = self.chat.max_model_len - num_prompt
-        if room >= 1 and req.max_tokens > room:
-            creq.max_tokens = room  # too long a prompt is the chat layer's 400
+        # Claude-style clients ask for more tokens than a small model's context has left.
+        prepared = self.chat.prepare(creq, clamp_max_tokens=True)
+        model, num_prompt = prepared.model, len(prepared.ids)
         single_call = bool(req.tool_choice and req.tool_choice.disable_parallel_tool_use)
         msg_id = f"msg_{random_uuid()}"
         if req.stream:
-            chunks = await self.chat.create_chunks(creq, msg_id)
+            chunks = await self.chat.create_chunks(creq, msg_id, prepared)
             return self._events(chunks, msg_id, model, num_prompt, single_call)
-        resp = await self.chat.create(creq, msg_id)
+        resp = await self.chat.create(creq, msg_id, prepared)
         assert isinstance(resp, ChatCompletionResponse)
         return self._message(resp, msg_id, model, num_prompt, single_call)
 
@@ -483,7 +457,7 @@ class AnthropicServingMessages:
                     if choice.finish_reason is not None:
                         finish = (choice.finish_reason, choice.stop_reason)
         except Exception as e:  # the stream ends with an error event, as Anthropic's does
-            yield f"event: error\ndata: {json.dumps(_api_error(e).anthropic_body())}\n\n"
+            yield f"event: error\ndata: {json.dumps(error_of(e).anthropic_body())}\n\n"
             return
         finally:
             await chunks.aclose()
@@ -497,28 +471,3 @@ class AnthropicServingMessages:
             "usage": final_usage,
         })  # fmt: skip
         yield _event("message_stop", {})
-
-
-def add_messages_routes(app: FastAPI, chat: OpenAIServingChat) -> AnthropicServingMessages:
-    """Register POST /v1/messages and /v1/messages/count_tokens on the app (their errors
-    take Anthropic's shape: see api_server.error_json)."""
-    from pagellm.entrypoints.openai.api_server import run_cancellable
-
-    messages = AnthropicServingMessages(chat)
-
-    @app.post("/v1/messages")
-    async def create_message(body: MessagesRequest, request: Request) -> Response:
-        result = await run_cancellable(request, messages.create(body))
-        if isinstance(result, Response):
-            return result
-        if isinstance(result, AsyncGenerator):
-            return StreamingResponse(
-                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        return JSONResponse(result)
-
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens(body: CountTokensRequest) -> JSONResponse:
-        return JSONResponse(messages.count_tokens(body))
-
-    return messages

@@ -1,9 +1,10 @@
 """``pagellm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (OpenAI Responses API),
-/v1/messages and /v1/messages/count_tokens (Anthropic Messages API), /v1/embeddings, /v1/models, /tokenize,
-/detokenize, /generate (legacy), /health, /version, /metrics. With --api-key (or PAGELLM_API_KEY)
-every route except /health, /version and /metrics needs ``Authorization: Bearer KEY``.
+/v1/messages and /v1/messages/count_tokens (Anthropic Messages API), /v1/embeddings,
+/v1/models, /tokenize, /detokenize, /generate (legacy), /health, /version, /metrics. With
+--api-key (or PAGELLM_API_KEY) every route except /health, /version and /metrics needs
+``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 Every error is an OpenAI error body; unexpected ones are logged with their traceback
 and answered 500 without it.
 """
@@ -33,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
-from pagellm.entrypoints.anthropic.serving_messages import add_messages_routes
+from pagellm.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
+from pagellm.entrypoints.anthropic.serving_messages import AnthropicServingMessages
 from pagellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,13 +50,14 @@ from pagellm.entrypoints.openai.protocol import (
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
+from pagellm.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagellm.entrypoints.openai.reasoning import REASONING_PARSERS
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
-from pagellm.entrypoints.openai.serving_responses import add_responses_routes
+from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -229,7 +232,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
             return StreamingResponse(
                 result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        return JSONResponse(result.model_dump(mode="json"))
+        return JSONResponse(result if isinstance(result, dict) else result.model_dump(mode="json"))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -243,9 +246,31 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
 
-    add_messages_routes(app, chat)
+    # The agent protocols, translated to and from chat (their errors on /v1/messages
+    # take Anthropic's shape: see error_json).
+    responses = OpenAIServingResponses(chat)
+    messages = AnthropicServingMessages(chat)
 
-    add_responses_routes(app, chat)
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await respond(request, responses.create(body))
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return responses.store.get(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        responses.store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.post("/v1/messages")
+    async def create_message(body: MessagesRequest, request: Request) -> Response:
+        return await respond(request, messages.create(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
+        return messages.count_tokens(body)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

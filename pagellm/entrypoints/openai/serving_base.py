@@ -96,20 +96,27 @@ class APIError(Exception):
         )
 
 
-def stream_error(e: BaseException) -> str:
-    """The SSE error event for an exception met mid-stream (the stream then ends with
-    [DONE], as every accepted stream does); unexpected ones are logged, not shown."""
-    from pagellm.engine.async_llm import EngineDeadError
+def error_of(e: BaseException) -> APIError:
+    """The error to report for an exception met mid-stream (any protocol's stream);
+    unexpected ones are logged, not shown."""
+    from pagellm.engine.async_llm import EngineDeadError, QueueFullError
 
     if isinstance(e, APIError):
-        err = e
-    elif isinstance(e, EngineDeadError):
-        err = APIError.engine_dead()
-    elif isinstance(e, ValueError):
-        err = APIError.bad_request(str(e))
-    else:
-        logger.error("error while streaming", exc_info=e)
-        err = APIError(500, "Internal server error.", "server_error")
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError.engine_dead()
+    if isinstance(e, QueueFullError):
+        return APIError.queue_full(str(e))
+    if isinstance(e, ValueError):
+        return APIError.bad_request(str(e))
+    logger.error("error while streaming", exc_info=e)
+    return APIError(500, "Internal server error.", "server_error")
+
+
+def stream_error(e: BaseException) -> str:
+    """The SSE error event for an exception met mid-stream (the stream then ends with
+    [DONE], as every accepted stream does)."""
+    err = error_of(e)
     return sse(err.body())
 
 

@@ -56,6 +56,18 @@ class ToolMode:
     name: str | None = None
 
 
+@dataclass
+class PreparedChat:
+    """A checked chat request, ready to admit: its prompt (text and token ids), sampling
+    parameters and tool use."""
+
+    model: str
+    text: str
+    ids: list[int]
+    params: SamplingParams
+    mode: ToolMode
+
+
 class OpenAIServingChat(OpenAIServing):
     def __init__(
         self,
@@ -130,9 +142,11 @@ class OpenAIServingChat(OpenAIServing):
             )
         return ToolMode("named", name), schemas
 
-    def _prepare(
-        self, req: ChatCompletionRequest, stream: bool | None = None
-    ) -> tuple[str, str, list[int], SamplingParams, ToolMode]:
+    def prepare(self, req: ChatCompletionRequest, clamp_max_tokens: bool = False) -> PreparedChat:
+        """The request checked (APIError for a bad one), its prompt rendered and tokenized,
+        its sampling parameters built. ``clamp_max_tokens``: a max_tokens larger than the
+        room the prompt leaves is cut to that room instead of refused (the Anthropic
+        Messages API's clients ask for more than small models have)."""
         for name in UNSUPPORTED_CHAT_FIELDS:
             value = getattr(req, name)
             if value:
@@ -151,12 +165,12 @@ class OpenAIServingChat(OpenAIServing):
         wanted = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
+        if clamp_max_tokens and wanted is not None:
+            wanted = min(wanted, max(1, self.max_model_len - len(ids)))
         max_tokens = self.resolve_max_tokens(len(ids), wanted, "messages")
-        stream = req.stream if stream is None else stream
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
-            params = req.sampling_params(max_tokens, logprobs, kind)
+            params = req.sampling_params(max_tokens, logprobs, RequestOutputKind.FINAL_ONLY)
             if mode.kind in ("required", "named"):
                 # A forced call: the output is the call itself, as JSON that must parse.
                 if params.structured_outputs is not None:
@@ -172,17 +186,22 @@ class OpenAIServingChat(OpenAIServing):
                 params.structured_outputs.grammar_text()
         except ValueError as e:
             raise APIError.bad_request(str(e)) from None
-        return model, text, ids, params, mode
+        return PreparedChat(model, text, ids, params, mode)
 
     async def create(
-        self, req: ChatCompletionRequest, request_id: str | None = None
+        self,
+        req: ChatCompletionRequest,
+        request_id: str | None = None,
+        prepared: PreparedChat | None = None,
     ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
-        """The reply, or for ``stream`` the SSE lines of its chunks (ending with [DONE])."""
+        """The reply, or for ``stream`` the SSE lines of its chunks (ending with [DONE]).
+        ``prepared``: what ``prepare(req)`` gave, when the caller needed it first."""
         if req.stream:
-            return self._sse(req, await self.create_chunks(req, request_id))
-        model, text, ids, params, mode = self._prepare(req)
+            return self._sse(req, await self.create_chunks(req, request_id, prepared))
+        p = prepared or self.prepare(req)
+        model, mode = p.model, p.mode
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        gen = self._admit(req, model, text, ids, params, request_id)
+        gen = self._admit(req, p, request_id)
         created = int(time.time())
         final = None
         try:
@@ -220,7 +239,10 @@ class OpenAIServingChat(OpenAIServing):
         )
 
     async def create_chunks(
-        self, req: ChatCompletionRequest, request_id: str | None = None
+        self,
+        req: ChatCompletionRequest,
+        request_id: str | None = None,
+        prepared: PreparedChat | None = None,
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         """A streamed reply as chunk objects (whatever ``req.stream`` says), for the SSE
         route and for the protocols translated from chat (Responses, Anthropic Messages).
@@ -228,23 +250,16 @@ class OpenAIServingChat(OpenAIServing):
         The request is checked and admitted before this returns (APIError for a bad one);
         errors met later are raised from the generator. The last chunk has no choices and
         carries the usage; closing the generator early aborts the request."""
-        model, text, ids, params, mode = self._prepare(req, stream=True)
+        p = prepared or self.prepare(req)
+        p.params.output_kind = RequestOutputKind.DELTA
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        gen = self._admit(req, model, text, ids, params, request_id)
-        return self._chunks(req, request_id, model, int(time.time()), gen, mode)
+        gen = self._admit(req, p, request_id)
+        return self._chunks(req, request_id, p.model, int(time.time()), gen, p.mode)
 
-    def _admit(
-        self,
-        req: ChatCompletionRequest,
-        model: str,
-        text: str,
-        ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-    ) -> Any:
-        prompt = {"prompt": text, "prompt_token_ids": ids, "cache_salt": req.cache_salt}
-        lora = self.resolve_model(model)[1]
-        (gen,) = self.admit([(prompt, params)], request_id, req.priority, lora)
+    def _admit(self, req: ChatCompletionRequest, p: PreparedChat, request_id: str) -> Any:
+        prompt = {"prompt": p.text, "prompt_token_ids": p.ids, "cache_salt": req.cache_salt}
+        lora = self.resolve_model(p.model)[1]
+        (gen,) = self.admit([(prompt, p.params)], request_id, req.priority, lora)
         return gen
 
     def _split_reasoning(self, text: str, final: bool) -> tuple[str, str]:

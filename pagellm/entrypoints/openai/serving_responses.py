@@ -15,26 +15,22 @@ refused with a 400 that names the field.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from pagellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
 from pagellm.entrypoints.openai.protocol_responses import ResponsesRequest
-from pagellm.entrypoints.openai.serving_base import APIError
+from pagellm.entrypoints.openai.serving_base import APIError, error_of
 from pagellm.utils import random_uuid
 
 if TYPE_CHECKING:
     from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_SIZE = 1000
 """How many stored responses are kept (least recently used ones are evicted)."""
@@ -61,20 +57,6 @@ _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_t
 
 def _bad(message: str, param: str | None) -> APIError:
     return APIError.bad_request(message, param)
-
-
-def _api_error(e: Exception) -> APIError:
-    """An exception met mid-stream as the error to report (unexpected ones are logged)."""
-    from pagellm.engine.async_llm import EngineDeadError
-
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, EngineDeadError):
-        return APIError.engine_dead()
-    if isinstance(e, ValueError):
-        return APIError.bad_request(str(e))
-    logger.error("error while streaming a response", exc_info=e)
-    return APIError(500, "Internal server error.", "server_error")
 
 
 def _id(prefix: str) -> str:
@@ -107,7 +89,8 @@ class ResponseStore:
         while len(self._items) > self.max_size:
             self._items.popitem(last=False)
 
-    def get(self, response_id: str) -> StoredResponse:
+    def get(self, response_id: str, param: str | None = None) -> StoredResponse:
+        """The stored response (404 naming ``param``, the field that gave the id)."""
         stored = self._items.get(response_id)
         if stored is None:
             raise APIError(
@@ -115,7 +98,7 @@ class ResponseStore:
                 f"Response with id {response_id!r} not found: it was never stored (store: "
                 "false), was evicted or deleted, or the server restarted.",
                 "not_found_error",
-                "previous_response_id",
+                param,
             )
         self._items.move_to_end(response_id)
         return stored
@@ -363,7 +346,7 @@ class OpenAIServingResponses:
         check_supported(req)
         conversation: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
-            prev = self.store.get(req.previous_response_id)
+            prev = self.store.get(req.previous_response_id, "previous_response_id")
             conversation = [*prev.conversation, *prev.response["output"]]
         conversation += input_items(req.input)
         fields: dict[str, Any] = {
@@ -607,7 +590,7 @@ class OpenAIServingResponses:
         except Exception as e:
             for line in close("incomplete"):
                 yield line
-            err = _api_error(e)
+            err = error_of(e)
             failed = self._response(req, response_id, created, model, "failed", output, usage)
             failed["error"] = {
                 "code": "server_error" if err.status >= 500 else "invalid_prompt",
@@ -628,45 +611,3 @@ class OpenAIServingResponses:
         final = self._response(req, response_id, created, model, status, output, usage)
         self._keep(req, final, conversation)
         yield event(f"response.{status}", response=final)
-
-    def get(self, response_id: str) -> dict[str, Any]:
-        try:
-            return self.store.get(response_id).response
-        except APIError as e:
-            e.param = None
-            raise
-
-
-def add_responses_routes(
-    app: FastAPI, chat: OpenAIServingChat, store_size: int = DEFAULT_STORE_SIZE
-) -> OpenAIServingResponses:
-    """Register POST /v1/responses, GET and DELETE /v1/responses/{id} on the app."""
-    from pagellm.entrypoints.openai.api_server import run_cancellable
-
-    responses = OpenAIServingResponses(chat, store_size)
-
-    @app.post("/v1/responses")
-    async def create_response(body: ResponsesRequest, request: Request) -> Response:
-        result = await run_cancellable(request, responses.create(body))
-        if isinstance(result, Response):
-            return result
-        if isinstance(result, AsyncGenerator):
-            return StreamingResponse(
-                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        return JSONResponse(result)
-
-    @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str) -> JSONResponse:
-        return JSONResponse(responses.get(response_id))
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> JSONResponse:
-        try:
-            responses.store.delete(response_id)
-        except APIError as e:
-            e.param = None
-            raise
-        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
-
-    return responses
