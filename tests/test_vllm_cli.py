@@ -66,9 +66,8 @@ SEED_COMMANDS: dict[str, str | None] = {
     "/path/to/template_chatml.jinja": None,
     "pagellm serve Qwen/Qwen2.5-7B-Instruct --speculative-model Qwen/Qwen2.5-0.5B-Instruct "
     "--num-speculative-tokens 5": None,
-    "pagellm serve /path/to/model --tensor-parallel-size 8": (
-        "tensor_parallel_size=8 is not yet supported (issue 23/25); pagellm runs one process"
-    ),
+    # Parses; the model's head counts are checked when the engine is built.
+    "pagellm serve /path/to/model --tensor-parallel-size 8": None,
 }
 # Flags quoted inline in the seeds' prose: `--kv-cache-dtype=fp8`, `--cpu-offload-gb=4`.
 SEED_INLINE_FLAGS = {"--kv-cache-dtype=fp8", "--cpu-offload-gb=4"}
@@ -175,8 +174,13 @@ def test_seed_llm_keyword_arguments() -> None:
         EngineArgs(**kwargs)._check()
     # The seeds' "LLM parameters": tensor_parallel_size, gpu_memory_utilization, swap space.
     EngineArgs(tensor_parallel_size=1, gpu_memory_utilization=0.9, swap_space=4)._check()
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not yet supported"):
-        EngineArgs(tensor_parallel_size=2)._check()
+    EngineArgs(tensor_parallel_size=2, pipeline_parallel_size=2)._check()
+    with pytest.raises(ValueError, match="data_parallel_size=2 is not yet supported"):
+        EngineArgs(data_parallel_size=2)._check()
+    with pytest.raises(ValueError, match="uni runs one worker"):
+        EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni")._check()
+    with pytest.raises(ValueError, match="external_launcher"):
+        EngineArgs(distributed_executor_backend="external_launcher")._check()
     with pytest.raises(ValueError, match=r"unknown keyword argument.*cpu_swap_space"):
         EngineArgs(cpu_swap_space=4)  # type: ignore[call-arg]  # vLLM's name is swap_space
 
@@ -255,13 +259,18 @@ def test_speculative_spellings(parser: argparse.ArgumentParser, capsys: Any) -> 
 @pytest.mark.parametrize(
     ("flag", "name"),
     [("--tensor-parallel-size", "tensor_parallel_size"), ("-tp", "tensor_parallel_size"),
-     ("--pipeline-parallel-size", "pipeline_parallel_size"), ("-pp", "pipeline_parallel_size"),
-     ("--data-parallel-size", "data_parallel_size"), ("-dp", "data_parallel_size")],
+     ("--pipeline-parallel-size", "pipeline_parallel_size"), ("-pp", "pipeline_parallel_size")],
 )  # fmt: skip
-def test_parallel_sizes(parser: argparse.ArgumentParser, capsys: Any, flag: str, name: str) -> None:
+def test_parallel_sizes(parser: argparse.ArgumentParser, flag: str, name: str) -> None:
     assert getattr(parse(parser, f"serve m {flag} 1"), name) == 1
+    assert getattr(parse(parser, f"serve m {flag} 2"), name) == 2
+
+
+@pytest.mark.parametrize("flag", ["--data-parallel-size", "-dp"])
+def test_data_parallel_refused(parser: argparse.ArgumentParser, capsys: Any, flag: str) -> None:
+    assert parse(parser, f"serve m {flag} 1").data_parallel_size == 1
     msg = refused(parser, f"serve m {flag} 2", capsys)
-    assert f"{name}=2 is not yet supported (issue 23/25); pagellm runs one process" in msg
+    assert "data_parallel_size=2 is not yet supported (issue 25)" in msg
 
 
 # ---- options that used to be ignored --------------------------------------------------
@@ -315,8 +324,7 @@ def warned(caplog: Any) -> Any:
     [("--gpu-memory-utilization 0.5", "cpu", "gpu_memory_utilization=0.5 has no effect on CPU"),
      ("--swap-space 4", "cpu", "swap_space=4 GiB has no effect"),
      ("--swap-space 4", "cuda", "no CPU swap tier (issue 26)"),
-     ("--trust-remote-code", "cpu", "trust_remote_code has no effect"),
-     ("--distributed-executor-backend ray", "cpu", "distributed_executor_backend=ray has no effect")],
+     ("--trust-remote-code", "cpu", "trust_remote_code has no effect")],
 )  # fmt: skip
 def test_warn_once(
     parser: argparse.ArgumentParser, warned: Any, line: str, device: str, text: str

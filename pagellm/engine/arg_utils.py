@@ -28,10 +28,12 @@ from pagellm.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
     StructuredOutputsConfig,
 )
+from pagellm.distributed.parallel_state import check_parallel_shapes
 from pagellm.utils import parse_size, strict_kwargs
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ def _kv_cache_dtype_message(value: str) -> str:
 
 def _parallel_refusal(name: str, size: int) -> str:
     return (
-        f"{name}={size} is not yet supported (issue 23/25); pagellm runs one process (use {name}=1)"
+        f"{name}={size} is not yet supported (issue 25): one engine replica (use {name}=1; "
+        "--tensor-parallel-size and --pipeline-parallel-size split one model over workers)"
     )
 
 
@@ -176,16 +179,23 @@ class EngineArgs:
     log_stats: bool = False
     """Log throughput and KV usage periodically."""
 
-    # ---- vLLM options with one meaning in a one-process engine -----------------------
+    # ---- parallelism (pagellm.executor, docs/parallel.md) -----------------------------
     tensor_parallel_size: int = 1
-    """Tensor-parallel workers; 1 (more is refused until issues 23/25 land)."""
+    """Tensor-parallel workers: heads, MLP columns and vocabulary split across ranks."""
     pipeline_parallel_size: int = 1
-    """Pipeline stages; 1 (more is refused until issues 23/25 land)."""
+    """Pipeline stages: the layers split across ranks, hidden states passed on."""
     data_parallel_size: int = 1
-    """Engine replicas; 1 (more is refused until issues 23/25 land)."""
+    """Engine replicas; 1 (more is refused until issue 25 lands)."""
     distributed_executor_backend: str | None = None
-    """vLLM's mp, ray, uni or external_launcher: with one process there is nothing to
-    distribute (warned when set)."""
+    """uni (one worker in the engine's process), mp (local worker processes) or ray (Ray
+    actors; RAY_ADDRESS names a running cluster). None: uni for one worker, else mp."""
+    worker_timeout: float = 300.0
+    """Seconds a worker may take over one step (or start-up) before it counts as hung."""
+    cpus_per_worker: int | None = None
+    """CPU cores (and threads) per worker (None: this process's cores split evenly over
+    mp workers; 1 per Ray worker)."""
+
+    # ---- vLLM options with one meaning in this engine ---------------------------------
     trust_remote_code: bool = False
     """Accepted for vLLM compatibility: pagellm runs only its own model classes, so no
     checkpoint code is ever executed (warned when set)."""
@@ -291,11 +301,27 @@ class EngineArgs:
             )
 
     def _check_parallel(self) -> None:
-        # The one place that refuses parallelism: remove it when TP/PP/DP land.
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            size = getattr(self, name)
-            if size != 1:
-                raise ValueError(_parallel_refusal(name, size))
+        if self.data_parallel_size != 1:
+            raise ValueError(_parallel_refusal("data_parallel_size", self.data_parallel_size))
+        if self.distributed_executor_backend == "external_launcher":
+            raise ValueError(
+                "distributed_executor_backend external_launcher (torchrun starting one engine "
+                "per rank) is not supported; use mp (local worker processes) or ray"
+            )
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.distributed_executor_backend == "uni" and world > 1:
+            raise ValueError(
+                f"distributed_executor_backend uni runs one worker; tensor_parallel_size x "
+                f"pipeline_parallel_size = {world} needs mp or ray"
+            )
+        if not self.worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be positive, got {self.worker_timeout!r}")
+        if self.cpus_per_worker is not None and (
+            not isinstance(self.cpus_per_worker, int) or self.cpus_per_worker < 1
+        ):
+            raise ValueError(
+                f"cpus_per_worker must be a positive integer, got {self.cpus_per_worker!r}"
+            )
 
     def _check_for_device(self, device: str) -> None:
         """Options whose effect depends on the device: refuse or warn once, never ignore."""
@@ -321,12 +347,6 @@ class EngineArgs:
             _warn_once(
                 "trust_remote_code has no effect: pagellm runs only its own model "
                 "implementations and never executes code from a checkpoint"
-            )
-        if self.distributed_executor_backend not in (None, "uni"):
-            _warn_once(
-                "distributed_executor_backend=%s has no effect: pagellm runs one process "
-                "(multi-process executors come with issues 23/25)",
-                self.distributed_executor_backend,
             )
 
     def _speculative_spec(self) -> dict[str, Any] | None:
@@ -377,6 +397,7 @@ class EngineArgs:
         dtype = self._resolve_dtype(device)
         model_path = resolve_model_path(self.model, self.revision)
         hf_config, arch = load_hf_config(model_path)
+        check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size)
         quant = resolve_quantization(
             self.quantization, model_path, hf_config, self.quantization_group_size
         )
@@ -467,7 +488,28 @@ class EngineArgs:
             if self.enable_lora
             else None,
             speculative=self._speculative_config(model_config, device),
+            parallel=self._parallel_config(),
             log_stats=self.log_stats,
+        )
+
+    def _parallel_config(self) -> ParallelConfig:
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        backend = self.distributed_executor_backend or ("uni" if world == 1 else "mp")
+        if world > 1 and self._speculative_spec() is not None:
+            spec = self._speculative_spec() or {}
+            if spec.get("method", "draft_model") != "ngram" and spec.get("model") not in (
+                "[ngram]", "ngram",
+            ):  # fmt: skip
+                raise ValueError(
+                    "a draft model (speculative decoding) with tensor or pipeline parallelism "
+                    "is not supported yet; use the ngram method, which runs in the scheduler"
+                )
+        return ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            distributed_executor_backend=backend,
+            worker_timeout=float(self.worker_timeout),
+            cpus_per_worker=self.cpus_per_worker,
         )
 
     def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
@@ -649,14 +691,19 @@ class EngineArgs:
             "meaning; see docs/vllm_flags.md",
         )  # fmt: skip
         add("--tensor-parallel-size", "-tp", type=int, default=1,
-            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+            help="tensor-parallel workers (heads, MLP columns, vocabulary split)")  # fmt: skip
         add("--pipeline-parallel-size", "-pp", type=int, default=1,
-            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+            help="pipeline stages (layers split across workers)")  # fmt: skip
         add("--data-parallel-size", "-dp", type=int, default=1,
-            help="1 (more: not yet supported, issue 23/25)")  # fmt: skip
+            help="1 (more: not yet supported, issue 25)")  # fmt: skip
         add("--distributed-executor-backend", default=None,
             choices=("mp", "ray", "uni", "external_launcher"),
-            help="no effect in one process (warned)")  # fmt: skip
+            help="uni: in-process; mp: local worker processes; ray: Ray actors (RAY_ADDRESS "
+            "for a cluster). Default: uni for one worker, else mp")  # fmt: skip
+        add("--worker-timeout", type=float, default=300.0,
+            help="seconds a worker may take over one step before it counts as hung")  # fmt: skip
+        add("--cpus-per-worker", type=int, default=None,
+            help="CPU cores per worker (default: this process's cores split evenly; ray: 1)")  # fmt: skip
         add("--trust-remote-code", action="store_true",
             help="no effect: pagellm runs only its own model classes (warned)")  # fmt: skip
         add("--swap-space", type=float, default=None,

@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pagellm.config import EngineConfig
+from pagellm.utils import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def run_engine_core(
     config: EngineConfig, commands: Connection, outputs: Connection, log_level: int
 ) -> None:
     """The engine process's main function (spawned: a fresh interpreter)."""
+    die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pagellm.engine.llm_engine import EngineCore
 
@@ -56,7 +58,12 @@ def run_engine_core(
     try:
         while True:
             idle = not core.has_unfinished_requests()
-            # Idle: block until a command arrives (EOFError when the parent is gone).
+            # Idle: block until a command arrives (EOFError when the parent is gone),
+            # checking every second that the workers are alive (a dead one fails the
+            # engine now, not at the next request).
+            if idle:
+                while not commands.poll(1.0):
+                    core.check_health()
             if idle or commands.poll():
                 batch = commands.recv()
                 while True:
@@ -84,6 +91,8 @@ def run_engine_core(
     except BaseException:
         outputs.send(("error", traceback.format_exc()))
         raise SystemExit(1) from None
+    finally:
+        core.shutdown()  # its workers (mp, ray) end with it
 
 
 class EngineCoreClient:
@@ -102,7 +111,11 @@ class EngineCoreClient:
                 logging.getLogger("pagellm").getEffectiveLevel(),
             ),
             name="pagellm-engine-core",
-            daemon=True,
+            # A daemon process may not start children: with worker processes the core is
+            # an ordinary one (it still ends with the API process: die_with_parent, and
+            # its command pipe closing).
+            daemon=config.parallel.world_size == 1
+            or config.parallel.distributed_executor_backend != "mp",
         )
         self.process.start()
         # The child holds these ends; keeping them open here would hide its death.

@@ -26,6 +26,7 @@ from pagellm.engine.beam_search import BeamSearchGroup, candidates_per_beam
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.output_processor import OutputProcessor, ParentRequest
 from pagellm.engine.tokenizer import load_tokenizer
+from pagellm.executor import Executor, UniExecutor, WorkerFailedError
 from pagellm.lora.request import LoRARequest
 from pagellm.metrics.stats import SchedulerStats
 from pagellm.outputs import RequestOutput
@@ -54,8 +55,12 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
-        self.plan: KVCachePlan = self.runner.initialize_kv_cache()
+        self.executor = Executor.create(config)
+        try:
+            self.plan: KVCachePlan = self.executor.initialize_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         mc = config.model
         self.structured = StructuredOutputManager(
             lambda: load_tokenizer(mc.tokenizer, mc.chat_template),
@@ -78,13 +83,32 @@ class EngineCore:
         gc.collect()
         gc.freeze()
 
+    @property
+    def runner(self) -> ModelRunner:
+        """The model runner, when it lives in this process (the uni executor)."""
+        if not isinstance(self.executor, UniExecutor):
+            raise AttributeError(
+                f"the model runs in {self.executor.world_size} worker processes "
+                f"({self.config.parallel.distributed_executor_backend} executor)"
+            )
+        return self.executor.worker.runner
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def check_health(self) -> None:
+        """Raise WorkerFailedError when a worker is gone."""
+        self.executor.check_health()
+
     def add_request(self, request: Request) -> None:
         lora = request.lora_request
-        if lora is not None and self.runner.lora_manager is not None:
+        if lora is not None and self.executor.lora_enabled:
             # Read the adapter now: if its files went away after the front end checked
             # them, only this request fails (not a step, not the engine).
             try:
-                self.runner.lora_manager.load(lora)
+                self.executor.load_lora(lora)
+            except WorkerFailedError:
+                raise
             except Exception as e:
                 logger.error("LoRA adapter %s (%s) cannot be loaded, request %s is aborted: %s",
                              lora.lora_name, lora.lora_path, request.req_id, e)  # fmt: skip
@@ -104,7 +128,7 @@ class EngineCore:
             return
         in_use = {r.lora_id for r in self.scheduler.requests.values()}
         for lora_id in sorted(self._lora_to_remove - in_use):
-            self.runner.remove_lora(lora_id)
+            self.executor.remove_lora(lora_id)
             self._lora_to_remove.discard(lora_id)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
@@ -160,9 +184,9 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if sched.finished_req_ids or sched.block_copies:
-                self.runner.execute_model(sched)  # let the worker drop finished state
+                self.executor.execute_model(sched)  # let the workers drop finished state
             return self.scheduler.take_failed()
-        result = self.runner.execute_model(sched)
+        result = self.executor.execute_model(sched)
         outputs = self.scheduler.update_from_output(sched, result)
         if self.beam_groups:
             outputs = self._advance_beam_groups(outputs)

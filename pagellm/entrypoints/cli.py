@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pagellm.benchmarks import (
         grammar,
         latency,
+        parallel,
         perplexity,
         roofline,
         serve,
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         throughput,
     )
 
-    for module in (throughput, serve, latency, roofline, perplexity, grammar, speculative):
+    for module in (throughput, serve, latency, roofline, perplexity, grammar, speculative,
+                   parallel):  # fmt: skip
         module.add_parser(bench)
     return parser
 

@@ -170,23 +170,25 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.max_rank = max_rank
         self.dtype, self.device = dtype, device
-        # (layer index, PEFT module) -> (the Linear's LoRA slot, shard)
-        self.slots: dict[tuple[int, str], tuple[LinearLoRA, str | None]] = {}
+        # (layer index, PEFT module) -> (the Linear's LoRA slot, shard, the Linear); this
+        # pipeline stage's layers only, each adapter cut to this TP rank's part.
+        self.slots: dict[tuple[int, str], tuple[LinearLoRA, str | None, Linear]] = {}
         modules = dict(model.named_modules())
-        for i in range(int(hf_config.num_hidden_layers)):
+        layers = list(getattr(model.model, "local_layers", range(int(hf_config.num_hidden_layers))))
+        for i in layers:
             for peft_name, (ours, shard) in TARGETS.items():
                 lin = modules.get(f"model.layers.{i}.{ours}")
                 if not isinstance(lin, Linear):
                     raise ValueError(f"LoRA: the model has no {ours} in layer {i}")
                 if lin.lora is None:
                     lin.lora = LinearLoRA(lin.shards, lin.out_features, lin._lib)
-                self.slots[(i, peft_name)] = (lin.lora, shard)
+                self.slots[(i, peft_name)] = (lin.lora, shard, lin)
         self.loaded: OrderedDict[int, tuple[LoRARequest, LoRAAdapter]] = OrderedDict()
         self.active: set[int] = set()
         # Per layer, the LoRA slots of its four Linears in the native stack's order.
         self._stack_slots = [
             [modules[f"model.layers.{i}.{name}"].lora for name in STACK_LINEARS]  # type: ignore[union-attr]
-            for i in range(int(hf_config.num_hidden_layers))
+            for i in layers
         ]
         # id -> [layers, 4, 8] descriptor templates (rank 0 where it targets nothing)
         self._stack_templates: dict[int, np.ndarray] = {}
@@ -195,9 +197,12 @@ class LoRAManager:
         per_linear: dict[
             int, tuple[LinearLoRA, dict[str | None, tuple[torch.Tensor, torch.Tensor]]]
         ] = {}
-        for (layer, module), ab in adapter.weights.items():
-            slot, shard = self.slots[(layer, module)]
-            per_linear.setdefault(id(slot), (slot, {}))[1][shard] = ab
+        for (layer, module), (a, b) in adapter.weights.items():
+            entry = self.slots.get((layer, module))
+            if entry is None:
+                continue  # a layer of another pipeline stage
+            slot, shard, lin = entry
+            per_linear.setdefault(id(slot), (slot, {}))[1][shard] = lin.tp_lora(shard, a, b)
         for slot, parts in per_linear.values():
             slot.install(lora_id, parts)
         self.active.add(lora_id)

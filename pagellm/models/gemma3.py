@@ -19,10 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagellm.distributed.parallel_state import get_parallel_state
 from pagellm.layers.linear import VocabEmbedding
 from pagellm.layers.norm import RMSNorm
 from pagellm.layers.rotary import RotaryEmbedding
-from pagellm.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
+from pagellm.models.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaMLP,
+    head_dim_of,
+    stage_embedding,
+    stage_layers,
+)
 
 
 def gemma3_layer_types(cfg: Any) -> list[str]:
@@ -80,7 +88,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3Model(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = stage_embedding(cfg, bool(getattr(cfg, "tie_word_embeddings", True)))
         # transformers multiplies by the scale cast to the weights' dtype.
         self.embed_scale = float(torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float32))
         head_dim = head_dim_of(cfg)
@@ -93,17 +101,33 @@ class Gemma3Model(nn.Module):
         self.rotary_local = rotaries["sliding_attention"]
         self.rotary_global = rotaries["full_attention"]
         window = int(cfg.sliding_window) if getattr(cfg, "sliding_window", None) else None
-        self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(cfg, rotaries[kind], window if kind == "sliding_attention" else None)
-            for kind in gemma3_layer_types(cfg)
+        self.windows = [
+            window if kind == "sliding_attention" else None for kind in gemma3_layer_types(cfg)
+        ]
+        self.layers, self.local_layers = stage_layers(
+            cfg,
+            lambda k: Gemma3DecoderLayer(
+                cfg, rotaries[k], window if k == "sliding_attention" else None
+            ),
+            gemma3_layer_types(cfg),
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_last_stage = get_parallel_state().is_last_stage
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embed_scale
-        for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm.norm(hidden)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_in: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if hidden_in is None:
+            assert self.embed_tokens is not None
+            hidden = self.embed_tokens(input_ids) * self.embed_scale
+        else:
+            hidden = hidden_in
+        for i in self.local_layers:
+            hidden = self.layers[i](positions, hidden)
+        return self.norm.norm(hidden) if self.is_last_stage else hidden
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -116,10 +140,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
         self.lm_head = (
             None
-            if self.tie_word_embeddings
+            if self.tie_word_embeddings or not get_parallel_state().is_last_stage
             else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, role="lm_head")
         )
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    def layer_windows(self) -> list[int | None]:
+        return list(self.model.windows)  # type: ignore[arg-type]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

@@ -15,6 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagellm.distributed.parallel_state import (
+    get_parallel_state,
+    kv_head_partition,
+    pp_layer_range,
+    tp_partition,
+)
 from pagellm.layers.activation import GATED_ACTIVATIONS, SiluAndMul
 from pagellm.layers.attention import Attention, AttentionSpec, get_forward_context
 from pagellm.layers.linear import Linear, VocabEmbedding
@@ -64,9 +70,14 @@ class LlamaAttention(nn.Module):
         window: int | None = None, scale: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(cfg)
+        # This rank's heads (all of them without tensor parallelism): a share of the
+        # query heads and of the KV heads, or the one KV head its queries read.
+        total_heads = cfg.num_attention_heads
+        q_start, self.num_heads = tp_partition(total_heads, "num_attention_heads")
+        kv_start, self.num_kv_heads = kv_head_partition(
+            getattr(cfg, "num_key_value_heads", None) or total_heads
+        )
+        self.head_dim = hd = head_dim_of(cfg)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(
@@ -74,8 +85,10 @@ class LlamaAttention(nn.Module):
             [self.q_size, self.kv_size, self.kv_size],
             bias=qkv_bias,
             shard_names=["q", "k", "v"],
+            tp="column",
+            row_offsets=[q_start * hd, kv_start * hd, kv_start * hd],
         )
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias, tp="row")
         self.rotary_emb = rotary
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
@@ -100,17 +113,23 @@ class LlamaMLP(nn.Module):
     """down(act(gate(x)) * up(x)), gate and up merged; also every MoE expert."""
 
     def __init__(
-        self, hidden: int, intermediate: int, bias: bool = False, act: str = "silu"
-    ) -> None:
+        self, hidden: int, intermediate: int, bias: bool = False, act: str = "silu",
+        reduce: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__()
+        # Tensor parallel: each rank holds a share of the intermediate columns; the down
+        # projection's partial sums are all-reduced here (``reduce``) or by the caller
+        # (a mixture of experts reduces once for all its experts).
+        _, intermediate = tp_partition(intermediate, "intermediate_size")
         if act not in GATED_ACTIVATIONS:
             raise ValueError(
                 f"activation {act!r} is not supported ({', '.join(sorted(GATED_ACTIVATIONS))})"
             )
         self.gate_up_proj = Linear(
-            hidden, [intermediate, intermediate], bias=bias, shard_names=["gate", "up"]
-        )
-        self.down_proj = Linear(intermediate, hidden, bias=bias)
+            hidden, [intermediate, intermediate], bias=bias, shard_names=["gate", "up"],
+            tp="column",
+        )  # fmt: skip
+        self.down_proj = Linear(intermediate, hidden, bias=bias, tp="row", reduce=reduce)
         self.act = GATED_ACTIVATIONS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,19 +159,51 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class MissingLayer(nn.Module):
+    """A decoder layer held by another pipeline stage (no weights here); keeps the
+    layers' indices, so checkpoint and adapter names stay global."""
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("this layer runs on another pipeline stage")
+
+
+def stage_layers(cfg: Any, build: Any, specs: Iterable[Any]) -> tuple[nn.ModuleList, range]:
+    """Every layer index, built (``build(spec)``) on this pipeline stage's range only."""
+    local = pp_layer_range(int(cfg.num_hidden_layers))
+    layers = nn.ModuleList(
+        build(spec) if i in local else MissingLayer() for i, spec in enumerate(specs)
+    )
+    return layers, local
+
+
+def stage_embedding(cfg: Any, tied: bool) -> VocabEmbedding | None:
+    """The token embedding where this stage needs it: the first stage embeds, the last
+    projects with it when the LM head is tied."""
+    pp = get_parallel_state()
+    if pp.is_first_stage or (tied and pp.is_last_stage):
+        return VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+    return None
+
+
 class LlamaModel(nn.Module):
+    """The decoder; with pipeline parallelism, this stage's layers only. A stage after
+    the first takes the previous stage's hidden states (``hidden_in``: the residual
+    stream, already summed); one before the last returns its residual stream."""
+
     def __init__(self, cfg: Any, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = stage_embedding(cfg, bool(getattr(cfg, "tie_word_embeddings", False)))
         rotary = build_rotary(cfg)
         self.rotary = rotary
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, window)
-            for window in sliding_windows(cfg)
-        )
+        self.layers, self.local_layers = stage_layers(
+            cfg, lambda w: LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, w),
+            sliding_windows(cfg),
+        )  # fmt: skip
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # The CPU fast path (see _native_stack); tests switch it off to compare.
-        self.native_stack_enabled = True
+        self.is_last_stage = get_parallel_state().is_last_stage
+        # The CPU fast path (see _native_stack); tests switch it off to compare. Its one
+        # call runs every layer without a collective: one worker only.
+        self.native_stack_enabled = get_parallel_state().world_size == 1
         self._stack: tuple[Any, ...] | None = None
 
     def _native_stack(self, meta: Any) -> Any:
@@ -175,7 +226,12 @@ class LlamaModel(nn.Module):
         self._stack = (key, build_native_stack(self))
         return self._stack[1]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_in: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         meta = get_forward_context().attn_metadata
         # A step with LoRA tokens runs in the stack when the runner described its adapter
         # groups for it (CPU fp32), else the modules (each Linear adds its groups' deltas).
@@ -183,6 +239,7 @@ class LlamaModel(nn.Module):
         stack = None if lora_active() and lora is None else self._native_stack(meta)
         if stack is not None:
             lib, desc = stack
+            assert self.embed_tokens is not None  # (one worker: every stage is the first)
             hidden = self.embed_tokens(input_ids).contiguous()
             data = meta.backend_data
             if lora is not None:  # this step's adapter groups (their arrays live in `lora`)
@@ -197,10 +254,16 @@ class LlamaModel(nn.Module):
                 torch.get_num_threads(),
             )  # fmt: skip
             return hidden
-        hidden = self.embed_tokens(input_ids)
+        if hidden_in is None:
+            assert self.embed_tokens is not None
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = hidden_in
         residual: torch.Tensor | None = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+        for i in self.local_layers:
+            hidden, residual = self.layers[i](positions, hidden, residual)
+        if not self.is_last_stage:
+            return hidden if residual is None else hidden + residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -225,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = (
             None
-            if self.tie_word_embeddings
+            if self.tie_word_embeddings or not get_parallel_state().is_last_stage
             else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, role="lm_head")
         )
 
@@ -235,15 +298,31 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(cfg, "attention_bias", False))
         return bias, bias, False
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_in: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, hidden_in)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.project(hidden)
+        assert head is not None, "logits are computed on the last pipeline stage"
+        return head.project(hidden)  # type: ignore[no-any-return,operator]
+
+    def layer_windows(self) -> list[int | None]:
+        """Every layer's sliding window (None: full), this stage's or not."""
+        return sliding_windows(self.config)
+
+    def local_layer_indices(self) -> list[int]:
+        """This pipeline stage's layers (every layer on one stage)."""
+        return list(self.model.local_layers)  # type: ignore[arg-type]
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]  # type: ignore[union-attr,misc]
+        """The attention of this stage's layers, in layer order."""
+        layers: Any = self.model.layers
+        return [layers[i].self_attn.attn for i in self.model.local_layers]  # type: ignore[union-attr]
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Take checkpoint tensors (floats, GGUF blocks or AWQ/GPTQ codes); every
@@ -257,7 +336,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if name.startswith("lm_head.") and self.lm_head is None:
-                continue  # tied to the embedding
+                continue  # tied to the embedding, or on another pipeline stage
             target, shard = name, None
             for ckpt, ours, shard_id in self.stacked_params:
                 if f".{ckpt}." in name:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagellm.distributed.parallel_state import tp_all_reduce
 from pagellm.layers.linear import Linear
 from pagellm.layers.quantization.base import as_float_tensor
 from pagellm.models.llama import LlamaForCausalLM, LlamaMLP
@@ -36,7 +37,7 @@ class SparseMoE(nn.Module):
         self.renormalize = renormalize
         self.gate = Linear(hidden, num_experts, bias=False, role="router")
         self.experts = nn.ModuleList(
-            LlamaMLP(hidden, intermediate, act=act) for _ in range(num_experts)
+            LlamaMLP(hidden, intermediate, act=act, reduce=False) for _ in range(num_experts)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,9 @@ class SparseMoE(nn.Module):
             y = self.experts[e](x.index_select(0, rows))
             out.index_add_(0, rows, y * w[start : start + n, None])
             start += n
-        return out
+        # Tensor parallel: each expert's output was this rank's partial sum; one
+        # all-reduce for all of them (the identity on one worker).
+        return tp_all_reduce(out)
 
 
 def split_stacked_experts(weights: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
@@ -88,8 +91,8 @@ def _replace_mlps(model: LlamaForCausalLM, cfg: Any, sparse: list[bool]) -> None
     inter = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
     renorm = bool(getattr(cfg, "norm_topk_prob", True))
     act = getattr(cfg, "hidden_act", "silu")
-    for layer, is_sparse in zip(model.model.layers, sparse):
-        if is_sparse:
+    for i, (layer, is_sparse) in enumerate(zip(model.model.layers, sparse)):
+        if is_sparse and i in model.model.local_layers:
             layer.mlp = SparseMoE(cfg.hidden_size, inter, num_experts, top_k, renorm, act)  # type: ignore[union-attr,assignment]
     # The single native call runs dense Llama layers only.
     model.model.native_stack_enabled = False

@@ -26,10 +26,15 @@ from pagellm.utils import format_bytes
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(hf_config: Any, kv_cache_dtype: str, num_layers: int | None = None) -> int:
+def kv_bytes_per_token(
+    hf_config: Any, kv_cache_dtype: str, num_layers: int | None = None,
+    num_kv_heads: int | None = None,
+) -> int:  # fmt: skip
     """K and V bytes of one token over ``num_layers`` layers (default: all of them; int8:
-    codes plus a scale per head)."""
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    codes plus a scale per head) and ``num_kv_heads`` (default: the model's)."""
+    num_kv_heads = num_kv_heads or (
+        getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    )
     elem = torch.empty(0, dtype=KV_CACHE_DTYPES[kv_cache_dtype]).element_size()
     per_head = head_dim_of(hf_config) * elem + (4 if kv_cache_dtype == "int8" else 0)
     layers = hf_config.num_hidden_layers if num_layers is None else num_layers
@@ -118,16 +123,23 @@ def plan_kv_cache(
     layout: KVCacheLayout | None = None,
     max_chunk: int = 0,
     spec_slots: int = 0,
+    num_kv_heads: int | None = None,
+    num_local_slots: int | None = None,
 ) -> KVCachePlan:
     """``draft_hf_config``: a draft model (speculative decoding) keeps its own KV for
     the same blocks; its bytes per token are counted too. ``layout``: the KV cache
-    groups (default: one group of every layer, full attention)."""
+    groups (default: one group of every layer, full attention). A tensor- or
+    pipeline-parallel worker plans its own share: ``num_kv_heads`` of its attention and
+    ``num_local_slots`` of the layout's slots (those its stage's layers use)."""
     if layout is None:
         layout = KVCacheLayout(
             (KVCacheGroup(None, tuple(range(hf_config.num_hidden_layers))),),
             hf_config.num_hidden_layers,
         )
-    per_token = kv_bytes_per_token(hf_config, cache_config.kv_cache_dtype, layout.num_slots)
+    per_token = kv_bytes_per_token(
+        hf_config, cache_config.kv_cache_dtype,
+        layout.num_slots if num_local_slots is None else num_local_slots, num_kv_heads,
+    )  # fmt: skip
     if draft_hf_config is not None:
         per_token += kv_bytes_per_token(draft_hf_config, cache_config.kv_cache_dtype)
     per_block = per_token * cache_config.block_size
@@ -174,20 +186,29 @@ def allocate_kv_cache(
     kv_cache_dtype: str,
     device: torch.device,
     num_slots: int | None = None,
+    num_kv_heads: int | None = None,
+    used_slots: set[int] | None = None,
 ) -> list[LayerKVCache]:
     """One LayerKVCache per KV slot (per layer when all layers attend alike);
-    ``num_slots`` overrides the plan's (a draft model: one per draft layer).
+    ``num_slots`` overrides the plan's (a draft model: one per draft layer). A parallel
+    worker allocates ``num_kv_heads`` (its TP share) and only its stage's ``used_slots``
+    (the others get empty tensors).
 
     On CPU the tensors are left uninitialised, so start-up does not commit the whole
     budget (the OS hands out pages as they are first written); every backend reads only
     rows it wrote or masks them out. On CUDA they are zeroed (cheap there).
     """
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    num_kv_heads = num_kv_heads or (
+        getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    )
     shape = (plan.num_blocks, plan.block_size, num_kv_heads, head_dim_of(hf_config))
     alloc = torch.zeros if device.type == "cuda" else torch.empty
     dtype = KV_CACHE_DTYPES[kv_cache_dtype]
     caches = []
-    for _ in range(plan.layout.num_slots if num_slots is None else num_slots):
+    for slot in range(plan.layout.num_slots if num_slots is None else num_slots):
+        if used_slots is not None and slot not in used_slots:
+            caches.append(LayerKVCache(torch.empty(0), torch.empty(0)))
+            continue
         scales: list[torch.Tensor | None] = [None, None]
         if kv_cache_dtype == "int8":
             scales = [alloc(shape[:3], dtype=torch.float32, device=device) for _ in range(2)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import logging
 
 import numpy as np
@@ -29,6 +30,7 @@ from pagellm.core.sched_output import (
     SchedulerOutput,
     TokenLogprobs,
 )
+from pagellm.distributed.parallel_state import get_parallel_state, pp_recv, pp_send
 from pagellm.layers import native
 from pagellm.layers.attention import (
     AttentionBackend,
@@ -101,12 +103,20 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         # A window no shorter than max_model_len never drops a block: such layers share
         # the full-attention layers' group (they still mask by their window).
+        # The layout covers every layer (the scheduler's blocks are the same on all
+        # pipeline stages); a stage binds and allocates the slots of its own layers.
         self.kv_layout = kv_cache_layout(
             [
                 w if w is not None and w < mc.max_model_len else None
-                for w in (layer.spec.sliding_window for layer in self.model.attention_layers())  # type: ignore[operator]
+                for w in self.model.layer_windows()  # type: ignore[operator]
             ]
         )
+        self.parallel = get_parallel_state()
+        self.local_layers: list[int] = self.model.local_layer_indices()  # type: ignore[operator]
+        placement = self.kv_layout.placement()
+        self.local_slots = {placement[i][1] for i in self.local_layers}
+        first_attn = self.model.attention_layers()[0]  # type: ignore[operator]
+        self.local_kv_heads = int(first_attn.num_kv_heads)
         self.batch = InputBatch(
             config.scheduler.max_num_seqs, mc.max_model_len, self.block_size, self.vocab_size,
             self.kv_layout.num_groups,
@@ -136,20 +146,40 @@ class ModelRunner:
 
     # ---- KV cache ---------------------------------------------------------------------
 
-    def initialize_kv_cache(self) -> KVCachePlan:
+    def initialize_kv_cache(self, num_blocks: int | None = None) -> KVCachePlan:
+        """Plan the KV cache from the budget and allocate it; a parallel worker is told
+        ``num_blocks`` (the fewest any worker can hold, see ``plan_kv_cache``)."""
+        plan = self.plan_kv_cache()
+        if num_blocks is not None:
+            plan = dataclasses.replace(plan, num_blocks=num_blocks)
+        return self.allocate_kv_cache(plan)
+
+    def plan_kv_cache(self) -> KVCachePlan:
+        """This worker's plan: its KV heads and its stage's slots in its budget."""
         mc = self.config.model
         peak = 0
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.parallel.world_size == 1:
             peak = self._profile_peak_memory()
-        kv_dtype = self.config.cache.kv_cache_dtype
         draft_config = self.drafter.hf_config if self.drafter is not None else None
         spec = self.config.speculative
         spec_slots = spec.num_speculative_tokens + spec.num_lookahead_tokens if spec else 0
-        self.plan = plan_kv_cache(
+        parallel = self.parallel.world_size > 1
+        return plan_kv_cache(
             mc.hf_config, self.config.cache, self.device, mc.max_model_len, self.weight_bytes, peak,
             draft_config, self.kv_layout, self.config.scheduler.max_num_batched_tokens, spec_slots,
+            self.local_kv_heads if parallel else None, len(self.local_slots) if parallel else None,
         )  # fmt: skip
-        self._bind_kv_cache(allocate_kv_cache(self.plan, mc.hf_config, kv_dtype, self.device))
+
+    def allocate_kv_cache(self, plan: KVCachePlan) -> KVCachePlan:
+        mc = self.config.model
+        kv_dtype = self.config.cache.kv_cache_dtype
+        self.plan = plan
+        self._bind_kv_cache(
+            allocate_kv_cache(
+                plan, mc.hf_config, kv_dtype, self.device, None, self.local_kv_heads,
+                self.local_slots,
+            )
+        )  # fmt: skip
         if self.drafter is not None:
             # The draft's own paged KV: as many blocks, addressed by the same block ids.
             dc = self.drafter.hf_config
@@ -162,7 +192,7 @@ class ModelRunner:
         """Bind each layer to its slot's cache and its KV cache group (or unbind: [])."""
         self.kv_caches = caches
         placement = self.kv_layout.placement()
-        for i, layer in enumerate(self.model.attention_layers()):  # type: ignore[operator]
+        for i, layer in zip(self.local_layers, self.model.attention_layers()):  # type: ignore[operator]
             group, slot = placement[i]
             cache = caches[slot] if caches else LayerKVCache(torch.empty(0), torch.empty(0))
             layer.bind(cache, self.attn_backend, group)
@@ -204,7 +234,8 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for cache in self.kv_caches:
             for t in cache.tensors():
-                t[dst] = t[src]
+                if t.numel():  # (a slot of another pipeline stage is empty here)
+                    t[dst] = t[src]
 
     # ---- state updates --------------------------------------------------------------
 
@@ -291,8 +322,53 @@ class ModelRunner:
             metas.append(meta)
         return metas
 
+    def _pipeline_forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        qsl: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
+        slot_mapping: np.ndarray,
+        states: list[RowState],
+        rows: np.ndarray,
+        q_lens: np.ndarray,
+    ) -> torch.Tensor | None:
+        """This stage's part of the step, in micro-batches (GPipe within a step): the
+        requests are cut into up to ``pp_size`` runs of about equal tokens; a stage sends
+        micro-batch i on (asynchronously) and starts i + 1 while the next stage works on
+        i. Returns the last stage's hidden states of the whole batch, None elsewhere."""
+        pp = self.parallel
+        B = len(seq_lens)
+        cuts = np.searchsorted(qsl, np.linspace(0, qsl[-1], min(pp.pp_size, B) + 1)[1:-1])
+        bounds = sorted({0, B, *np.clip(cuts, 1, B - 1).tolist()})
+        hidden_size = int(self.config.model.hf_config.hidden_size)
+        outs, sends = [], []
+        for a, b in itertools.pairwise(bounds):
+            t0, t1 = int(qsl[a]), int(qsl[b])
+            meta = self.build_step_metadata(
+                qsl[a : b + 1] - t0, seq_lens[a:b], block_tables[:, a:b], slot_mapping[:, t0:t1]
+            )
+            hidden_in = None
+            if not pp.is_first_stage:
+                hidden_in = pp_recv((t1 - t0, hidden_size), self.dtype, self.device, pp.pp_rank - 1)
+            groups = (
+                self._lora_groups(states[a:b], rows[a:b], q_lens[a:b])
+                if self.lora_manager is not None
+                else None
+            )
+            with set_forward_context(meta), set_lora_groups(groups):
+                h = self.model(input_ids[t0:t1], positions[t0:t1], hidden_in)
+            if pp.is_last_stage:
+                outs.append(h)
+            else:
+                sends.append((pp_send(h, pp.pp_rank + 1), h))
+        for work, _ in sends:
+            work.wait()
+        return torch.cat(outs) if outs else None
+
     @torch.inference_mode()
-    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         self._update_states(sched)
         self.copy_blocks(sched.block_copies)
         req_ids = list(sched.num_scheduled_tokens)
@@ -328,8 +404,6 @@ class ModelRunner:
         slot_mapping = (
             block_tables[:, batch_row, positions // bs].astype(np.int64) * bs + positions % bs
         )
-        meta = self.build_step_metadata(qsl, seq_lens, block_tables, slot_mapping)
-
         # Rows whose logits we need: the sampling rows (1 + its proposals per request),
         # then prompt-logprob rows.
         num_tokens = batch.num_tokens[rows]
@@ -354,17 +428,26 @@ class ModelRunner:
                 s.prompt_logprobs_done = True
 
         dev = self.device
-        lora_groups = (
-            self._lora_groups(states, rows, q_lens) if self.lora_manager is not None else None
-        )
-        lora_stack = None
-        if lora_groups and self.native_lib is not None:
-            assert self.lora_manager is not None
-            lora_stack = self.lora_manager.stack_step(lora_groups)
-        with set_forward_context(meta), set_lora_groups(lora_groups, lora_stack):
-            hidden = self.model(
-                torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
+        ids_t, pos_t = torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev)
+        if self.parallel.pp_size == 1:
+            meta = self.build_step_metadata(qsl, seq_lens, block_tables, slot_mapping)
+            lora_groups = (
+                self._lora_groups(states, rows, q_lens) if self.lora_manager is not None else None
             )
+            lora_stack = None
+            if lora_groups and self.native_lib is not None:
+                assert self.lora_manager is not None
+                lora_stack = self.lora_manager.stack_step(lora_groups)
+            with set_forward_context(meta), set_lora_groups(lora_groups, lora_stack):
+                hidden = self.model(ids_t, pos_t)
+        else:
+            stage_out = self._pipeline_forward(
+                ids_t, pos_t, qsl, seq_lens, block_tables, slot_mapping, states, rows, q_lens
+            )
+            if stage_out is None:  # an earlier stage: its hidden states went on
+                batch.num_computed[rows] = seq_lens
+                return None
+            hidden = stage_out
         draft_out: dict[str, list[int]] = {}
         pooled = (
             self._pool(

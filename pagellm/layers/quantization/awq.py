@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from pagellm.layers.quantization.base import QuantizedLinearMethod, ShardWeight, as_float_tensor
+from pagellm.layers.quantization.base import (
+    QuantizedLinearMethod,
+    ShardWeight,
+    Span,
+    as_float_tensor,
+)
 from pagellm.layers.quantization.packed import BLOCK, BlockCodes
 
 if TYPE_CHECKING:
@@ -65,6 +70,29 @@ def check_awq_config(cfg: dict[str, Any]) -> int:
 class AWQLinearMethod(QuantizedLinearMethod):
     name = "awq"
     required: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales")
+
+    def slice_tensor(self, param_name: str, tensor: Any, rows: Span, cols: Span) -> Any:
+        """Tensor-parallel parts of AWQ's [K(, /G), N(/8)] tensors: output columns in
+        whole words of 8, input rows in whole groups."""
+        if param_name not in ("qweight", "qzeros", "scales"):
+            return super().slice_tensor(param_name, tensor, rows, cols)
+        t = _np(tensor)
+        if rows is not None:  # output channels: the tensors' columns
+            per = 1 if param_name == "scales" else 8
+            start, size = rows
+            if start % per or size % per:
+                raise ValueError(f"AWQ {param_name}: {size} output channels per rank do not "
+                                 "split into whole 8-channel words")  # fmt: skip
+            t = t[:, start // per : (start + size) // per]
+        if cols is not None:  # input channels: the tensors' rows (per group for zeros/scales)
+            group = check_awq_config(self.config.checkpoint)
+            per = 1 if param_name == "qweight" else group
+            start, size = cols
+            if start % per or size % per:
+                raise ValueError(f"AWQ {param_name}: {size} input channels per rank are not "
+                                 f"whole groups of {group}")  # fmt: skip
+            t = t[start // per : (start + size) // per]
+        return np.ascontiguousarray(t)
 
     def to_codes(self, layer: Linear, shard: str, staged: dict[str, Any]) -> ShardWeight:
         if "weight" in staged:  # a module the checkpoint left unquantized

@@ -88,6 +88,13 @@ class LinearMethod(abc.ABC):
         on the CPU), or None where it cannot."""
         return None
 
+    def slice_tensor(self, param_name: str, tensor: Any, rows: Span, cols: Span) -> Any:
+        """This tensor-parallel rank's part of one checkpoint tensor of [out, in]: output
+        rows ``rows`` and input columns ``cols`` ((start, size) or None: all), in the
+        tensor's own form (quantized blocks stay blocks). Methods whose checkpoints pack
+        differently (AWQ, GPTQ) override it."""
+        return slice_matrix(tensor, rows, cols)
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """``weight[out, in]`` in the run dtype; quantized checkpoint tensors are dequantized."""
@@ -150,6 +157,55 @@ def row_slice(tensor: Any, start: int, end: int) -> Any:
             np.ascontiguousarray(tensor.data[start:end]), (end - start, tensor.shape[1]),
         )  # fmt: skip
     return tensor[start:end]
+
+
+Span = tuple[int, int] | None
+"""(start, size) of a tensor-parallel slice; None: the whole dimension."""
+
+
+def slice_matrix(tensor: Any, rows: Span, cols: Span) -> Any:
+    """Rows and columns of a checkpoint matrix (float tensor, array or GGUF blocks).
+    Rows past the end are zeros (a vocabulary padded to a multiple of the TP size);
+    GGUF columns must fall on whole blocks."""
+    from pagellm.layers.quantization.gguf import GGUFRawTensor
+
+    if isinstance(tensor, GGUFRawTensor):
+        data, (n, k) = tensor.data, tensor.shape
+        if cols is not None:
+            import gguf
+
+            elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor.qtype]]
+            start, size = cols
+            if start % elems or size % elems:
+                raise ValueError(
+                    f"{tensor.name}: tensor parallelism splits its {k} input columns into "
+                    f"{size}, which is not a whole number of {tensor.qtype} blocks of {elems}; "
+                    "use a smaller tensor_parallel_size, pipeline parallelism, or a GGUF "
+                    "with a finer block type"
+                )
+            data = data[:, start // elems * nbytes : (start + size) // elems * nbytes]
+            k = size
+        if rows is not None:
+            data, n = _rows(data, rows), rows[1]
+        return GGUFRawTensor(tensor.name, tensor.qtype, np.ascontiguousarray(data), (n, k))
+    if cols is not None:
+        tensor = tensor[:, cols[0] : cols[0] + cols[1]]
+    if rows is not None:
+        tensor = _rows(tensor, rows)
+    if isinstance(tensor, np.ndarray):
+        return np.ascontiguousarray(tensor)
+    return tensor.contiguous().clone()  # own storage: the full tensor can be freed
+
+
+def _rows(t: Any, rows: tuple[int, int]) -> Any:
+    start, size = rows
+    part = t[start : start + size]
+    short = size - part.shape[0]
+    if short <= 0:
+        return part
+    if isinstance(part, np.ndarray):
+        return np.concatenate([part, np.zeros((short, *part.shape[1:]), dtype=part.dtype)])
+    return torch.cat([part, part.new_zeros((short, *part.shape[1:]))])
 
 
 @dataclass

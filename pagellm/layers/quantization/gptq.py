@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from pagellm.layers.quantization.awq import _np
-from pagellm.layers.quantization.base import QuantizedLinearMethod, ShardWeight, as_float_tensor
+from pagellm.layers.quantization.base import (
+    QuantizedLinearMethod,
+    ShardWeight,
+    Span,
+    as_float_tensor,
+)
 from pagellm.layers.quantization.packed import BLOCK, BlockCodes
 
 if TYPE_CHECKING:
@@ -54,6 +59,43 @@ def check_gptq_config(cfg: dict[str, Any]) -> tuple[int, str]:
 class GPTQLinearMethod(QuantizedLinearMethod):
     name = "gptq"
     required: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales")
+
+    def slice_tensor(self, param_name: str, tensor: Any, rows: Span, cols: Span) -> Any:
+        """Tensor-parallel parts of GPTQ's tensors. Output channels are columns (whole
+        8-channel words in qzeros). Input channels: qweight rows in words of 8 and g_idx
+        entries; with groups in order the scales and zeros keep this rank's groups (g_idx
+        renumbered from 0), with act-order they stay whole (g_idx indexes them all)."""
+        if param_name not in ("qweight", "qzeros", "scales", "g_idx"):
+            return super().slice_tensor(param_name, tensor, rows, cols)
+        t = _np(tensor)
+        if rows is not None and param_name != "g_idx":
+            per = 8 if param_name == "qzeros" else 1
+            start, size = rows
+            if start % per or size % per:
+                raise ValueError(f"GPTQ {param_name}: {size} output channels per rank do not "
+                                 "split into whole 8-channel words")  # fmt: skip
+            t = t[:, start // per : (start + size) // per]
+        if cols is not None:
+            start, size = cols
+            group, _ = check_gptq_config(self.config.checkpoint)
+            in_order = (
+                not self.config.checkpoint.get("desc_act")
+                and group > 0
+                and start % group == 0
+                and size % group == 0
+            )
+            if param_name == "qweight":
+                if start % 8 or size % 8:
+                    raise ValueError(f"GPTQ qweight: {size} input channels per rank are not "
+                                     "whole 8-channel words")  # fmt: skip
+                t = t[start // 8 : (start + size) // 8]
+            elif param_name == "g_idx":
+                t = t[start : start + size].astype(np.int64)
+                if in_order:
+                    t = t - start // group  # renumbered with this rank's scales and zeros
+            elif in_order:
+                t = t[start // group : (start + size) // group]
+        return np.ascontiguousarray(t)
 
     def load(self, layer: Linear, param_name: str, tensor: Any, shard: str) -> None:
         if param_name == "g_idx":

@@ -1,0 +1,1 @@
+"""Workers of one engine: their ranks and collectives (torch.distributed)."""
