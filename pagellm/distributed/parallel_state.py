@@ -117,8 +117,15 @@ def _timed(start: float) -> None:
     _COMM["calls"] += 1
 
 
+SMALL_ALL_REDUCE = 16384
+"""Elements up to which a gloo all-reduce is done as blocking pairwise exchanges: gloo's
+all-reduce (and its async send/recv) cost ~1.8 ms on a 2-core VM whatever the size,
+a blocking send/recv round trip 0.24 ms (docs/parallel.md). A decode step's
+activations ([batch, hidden]) are small; prefill's go through gloo's all-reduce."""
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over this stage's TP ranks, in place."""
+    """Sum ``x`` over this stage's TP ranks (in place where it can)."""
     s = _STATE
     if s.tp_size == 1:
         return x
@@ -126,9 +133,39 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
 
     start = time.perf_counter()
     x = x.contiguous()
-    dist.all_reduce(x, group=s.tp_group)
+    if x.numel() <= SMALL_ALL_REDUCE and x.device.type == "cpu":
+        x = _exchange_sum(x)
+    else:
+        dist.all_reduce(x, group=s.tp_group)
     _timed(start)
     return x
+
+
+def _exchange_sum(x: torch.Tensor) -> torch.Tensor:
+    """Every TP rank sends ``x`` to every other with blocking send/recv, pairs taken in
+    one global order (no cycle, so no deadlock), and sums the parts in rank order: the
+    same bits on every rank."""
+    import torch.distributed as dist
+
+    s = _STATE
+    base = s.pp_rank * s.tp_size
+    parts: list[torch.Tensor] = []
+    for r in range(s.tp_size):
+        if r == s.tp_rank:
+            parts.append(x)
+            continue
+        buf = torch.empty_like(x)
+        if s.tp_rank < r:
+            dist.send(x, base + r)
+            dist.recv(buf, base + r)
+        else:
+            dist.recv(buf, base + r)
+            dist.send(x, base + r)
+        parts.append(buf)
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out += p
+    return out
 
 
 def tp_all_gather(x: torch.Tensor) -> torch.Tensor:
