@@ -154,6 +154,38 @@ def test_kv_heads_replicated_then_a_hung_worker(tiny_model_dirs: dict[str, str])
         time.sleep(0.1)
 
 
+def test_families_and_quantized_checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Any, tiny_llama: str
+) -> None:
+    """Gemma 3 in two stages (its sliding and full layers in KV cache groups that span
+    both), Qwen3-MoE over two ranks (each expert's columns split, one all-reduce for all),
+    and a GPTQ act-order checkpoint cut per rank (qweight words, g_idx, whole scales)."""
+    from tests.conftest import save_random_model
+    from tests.models.test_awq_gptq import write_checkpoint
+    from tests.test_model_families import family_config
+
+    for arch, sizes in (("Gemma3ForCausalLM", {"pipeline_parallel_size": 2}),
+                        ("Qwen3MoeForCausalLM", {"tensor_parallel_size": 2})):  # fmt: skip
+        path = save_random_model(
+            tmp_path_factory, smol_tokenizer, arch, family_config(arch),
+            norm_mean=0.0 if arch.startswith("Gemma") else 1.0,
+        )  # fmt: skip
+        ref = tokens(LLM(model=path, **TINY))
+        llm = LLM(model=path, **sizes, **TINY)  # type: ignore[arg-type]
+        try:
+            assert tokens(llm) == ref, arch
+        finally:
+            llm.engine.core.shutdown()
+    gptq = str(tmp_path_factory.mktemp("gptq") / "act-order")
+    write_checkpoint(tiny_llama, gptq, "gptq", 32, act_order=True)
+    ref_lp = prompt_logprobs(LLM(model=gptq, quantization="none", **TINY))
+    llm = LLM(model=gptq, quantization="none", tensor_parallel_size=2, **TINY)
+    try:
+        assert np.abs(prompt_logprobs(llm) - ref_lp).max() < 1e-4
+    finally:
+        llm.engine.core.shutdown()
+
+
 def test_real_model_fp32_pp2(smol_llm: LLM) -> None:
     """SmolLM2 (30 layers, 15 per stage). Its 9 heads and 3 KV heads allow TP=3, not 2
     (see below); TP=3 on it is the GGUF test's, and TP=2 in fp32 the tiny models'."""

@@ -176,6 +176,11 @@ class MPExecutor(Executor):
             if errors and what not in RECOVERABLE_CALLS:
                 # A failed collective step leaves the others waiting in it: give up now.
                 rank, kind, msg = errors[0]
+                if what == "start-up" and kind == "ValueError":
+                    # A model or option this rank cannot take: a configuration error,
+                    # told as one (the first line; the traceback is the worker's own).
+                    self.shutdown()
+                    raise ValueError(msg.splitlines()[0])
                 self._fail(f"worker {rank} failed in {what!r}: {kind}: {msg}")
         if errors:
             rank, kind, msg = errors[0]

@@ -171,6 +171,9 @@ class RayExecutor(Executor):
         except ray.exceptions.RayTaskError as e:
             if what in RECOVERABLE_CALLS:
                 raise RuntimeError(str(e.cause if e.cause is not None else e)) from None
+            if what == "start-up" and isinstance(e.cause, ValueError):
+                self.shutdown()  # a model or option a rank cannot take: a config error
+                raise ValueError(str(e.cause)) from None
             self._fail(f"a worker failed in {what!r}: {e}")
         raise AssertionError("unreachable")
 
