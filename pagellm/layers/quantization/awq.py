@@ -22,6 +22,7 @@ from pagellm.layers.quantization.base import (
     ShardWeight,
     Span,
     as_float_tensor,
+    packed_span,
 )
 from pagellm.layers.quantization.packed import BLOCK, BlockCodes
 
@@ -78,20 +79,10 @@ class AWQLinearMethod(QuantizedLinearMethod):
             return super().slice_tensor(param_name, tensor, rows, cols)
         t = _np(tensor)
         if rows is not None:  # output channels: the tensors' columns
-            per = 1 if param_name == "scales" else 8
-            start, size = rows
-            if start % per or size % per:
-                raise ValueError(f"AWQ {param_name}: {size} output channels per rank do not "
-                                 "split into whole 8-channel words")  # fmt: skip
-            t = t[:, start // per : (start + size) // per]
+            t = t[:, packed_span(rows, 1 if param_name == "scales" else 8, f"AWQ {param_name}")]
         if cols is not None:  # input channels: the tensors' rows (per group for zeros/scales)
-            group = check_awq_config(self.config.checkpoint)
-            per = 1 if param_name == "qweight" else group
-            start, size = cols
-            if start % per or size % per:
-                raise ValueError(f"AWQ {param_name}: {size} input channels per rank are not "
-                                 f"whole groups of {group}")  # fmt: skip
-            t = t[start // per : (start + size) // per]
+            per = 1 if param_name == "qweight" else check_awq_config(self.config.checkpoint)
+            t = t[packed_span(cols, per, f"AWQ {param_name} (groups of the input)")]
         return np.ascontiguousarray(t)
 
     def to_codes(self, layer: Linear, shard: str, staged: dict[str, Any]) -> ShardWeight:

@@ -197,6 +197,18 @@ def slice_matrix(tensor: Any, rows: Span, cols: Span) -> Any:
     return tensor.contiguous().clone()  # own storage: the full tensor can be freed
 
 
+def packed_span(span: tuple[int, int], per: int, what: str) -> slice:
+    """The slice of a packed dimension (``per`` channels per entry: 8 per int32 word, a
+    group per scale) that holds the channels ``span``; ValueError when it would cut one."""
+    start, size = span
+    if start % per or size % per:
+        raise ValueError(
+            f"{what}: tensor parallelism gives each rank {size} channels, which do not "
+            f"split into whole units of {per}; use a smaller tensor_parallel_size"
+        )
+    return slice(start // per, (start + size) // per)
+
+
 def _rows(t: Any, rows: tuple[int, int]) -> Any:
     start, size = rows
     part = t[start : start + size]

@@ -27,6 +27,7 @@ from pagellm.layers.quantization.base import (
     ShardWeight,
     Span,
     as_float_tensor,
+    packed_span,
 )
 from pagellm.layers.quantization.packed import BLOCK, BlockCodes
 
@@ -69,12 +70,7 @@ class GPTQLinearMethod(QuantizedLinearMethod):
             return super().slice_tensor(param_name, tensor, rows, cols)
         t = _np(tensor)
         if rows is not None and param_name != "g_idx":
-            per = 8 if param_name == "qzeros" else 1
-            start, size = rows
-            if start % per or size % per:
-                raise ValueError(f"GPTQ {param_name}: {size} output channels per rank do not "
-                                 "split into whole 8-channel words")  # fmt: skip
-            t = t[:, start // per : (start + size) // per]
+            t = t[:, packed_span(rows, 8 if param_name == "qzeros" else 1, f"GPTQ {param_name}")]
         if cols is not None:
             start, size = cols
             group, _ = check_gptq_config(self.config.checkpoint)
@@ -85,10 +81,7 @@ class GPTQLinearMethod(QuantizedLinearMethod):
                 and size % group == 0
             )
             if param_name == "qweight":
-                if start % 8 or size % 8:
-                    raise ValueError(f"GPTQ qweight: {size} input channels per rank are not "
-                                     "whole 8-channel words")  # fmt: skip
-                t = t[start // 8 : (start + size) // 8]
+                t = t[packed_span(cols, 8, "GPTQ qweight (words of the input)")]
             elif param_name == "g_idx":
                 t = t[start : start + size].astype(np.int64)
                 if in_order:
