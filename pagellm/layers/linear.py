@@ -74,6 +74,7 @@ class Linear(nn.Module):
         )
         self._bias_loaded: set[str] = set()
         self._lib = ops.current_native_lib()
+        self._qlib = ops.current_quant_lib()  # the quantized kernels (any run dtype)
         probe = torch.empty(0)  # built under the model's device and dtype
         self._device, self._dtype = probe.device, probe.dtype
         # Written by the method: the weight (or its packed runs) and its load state.

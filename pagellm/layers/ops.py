@@ -33,6 +33,26 @@ def current_native_lib() -> ctypes.CDLL | None:
     return _NATIVE.get()
 
 
+_QUANT_NATIVE: ContextVar[ctypes.CDLL | None] = ContextVar("pagellm_quant_lib", default=None)
+
+
+@contextmanager
+def use_quant_kernels(lib: ctypes.CDLL | None) -> Iterator[None]:
+    """Quantized layers built inside this block run on ``lib``'s integer-dot kernels
+    whatever the run dtype (their activations become int8 blocks anyway): a bf16 model
+    with GGUF/int8/int4 weights keeps them packed instead of dequantizing every call.
+    (The other native kernels are float32 only and follow ``use_native_kernels``.)"""
+    token = _QUANT_NATIVE.set(lib)
+    try:
+        yield
+    finally:
+        _QUANT_NATIVE.reset(token)
+
+
+def current_quant_lib() -> ctypes.CDLL | None:
+    return _QUANT_NATIVE.get() or _NATIVE.get()
+
+
 def num_threads() -> int:
     return torch.get_num_threads()
 

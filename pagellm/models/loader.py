@@ -31,7 +31,7 @@ from pagellm.config import (
     DEFAULT_MODEL_INSTALL,
     QuantConfig,
 )
-from pagellm.layers.ops import use_native_kernels
+from pagellm.layers.ops import use_native_kernels, use_quant_kernels
 from pagellm.layers.quantization import use_quant_config
 from pagellm.models.gguf import open_gguf
 from pagellm.models.registry import check_architecture, get_model_class
@@ -192,9 +192,11 @@ def build_model(
     device: torch.device,
     native_lib: ctypes.CDLL | None,
     quant_config: QuantConfig | None = None,
+    quant_lib: ctypes.CDLL | None = None,
 ) -> nn.Module:
     """Construct the network on ``device`` in ``dtype`` and load its weights, stored as
-    ``quant_config`` says (default: unquantized)."""
+    ``quant_config`` says (default: unquantized). ``quant_lib``: the native library for
+    quantized layers when ``native_lib`` is off (a bf16/fp16 run on CPU)."""
     start = time.perf_counter()
     cls = get_model_class(architecture)
     qc = quant_config or QuantConfig()
@@ -204,6 +206,7 @@ def build_model(
         torch.device(device),
         _default_dtype(dtype),
         use_native_kernels(native_lib),
+        use_quant_kernels(quant_lib),
         use_quant_config(qc),
     ):
         model = cls(hf_config)

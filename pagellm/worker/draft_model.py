@@ -43,7 +43,7 @@ class DraftModel:
         self.hf_config = mc.hf_config
         self.model = build_model(
             mc.model_path, mc.hf_config, mc.architecture, runner.dtype, runner.device,
-            runner.native_lib, mc.quantization,
+            runner.native_lib, mc.quantization, runner.quant_lib,
         )  # fmt: skip
         self.weight_bytes = model_weight_bytes(self.model)
         cfg = runner.config

@@ -79,13 +79,15 @@ class ModelRunner:
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.native_lib = None
-        if (
-            self.device.type == "cpu"
-            and self.dtype == torch.float32
-            and config.device.native_kernels
-        ):
+        # The quantized kernels take any run dtype (activations become int8 blocks); the
+        # other native kernels are float32 only.
+        self.quant_lib = None
+        if self.device.type == "cpu" and config.device.native_kernels:
             isa = config.device.cpu_isa
-            self.native_lib = native.load(None if isa == "auto" else isa)
+            lib = native.load(None if isa == "auto" else isa)
+            self.quant_lib = lib
+            if self.dtype == torch.float32:
+                self.native_lib = lib
         self.attn_backend = get_attention_backend(
             config.device.attention_backend, self.device, self.dtype,
             head_dim_of(config.model.hf_config), self.native_lib, config.cache.kv_cache_dtype,
@@ -93,7 +95,7 @@ class ModelRunner:
         mc = config.model
         self.model = build_model(
             mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib,
-            mc.quantization,
+            mc.quantization, self.quant_lib,
         )  # fmt: skip
         self.vocab_size = int(mc.hf_config.vocab_size)
         self.block_size = config.cache.block_size

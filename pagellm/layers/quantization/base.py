@@ -277,7 +277,7 @@ class QuantizedLinearMethod(LinearMethod):
                 runs[-1] = (runs[-1][0], end, [*runs[-1][2], w])
             else:
                 runs.append((start, end, [w]))
-        lib = layer._lib
+        lib = layer._qlib
         device, dtype = layer.bias_device_dtype()
         for i, (start, end, parts) in enumerate(runs):
             first = parts[0]
@@ -290,6 +290,8 @@ class QuantizedLinearMethod(LinearMethod):
                 weight: PackedWeight | TorchPackedWeight | torch.Tensor
                 if lib is not None and device.type == "cpu":
                     bias = None if layer.bias is None else layer.bias.data[start:end]
+                    if bias is not None and bias.dtype != torch.float32:
+                        bias = bias.float()  # the kernel adds a float32 bias
                     weight = PackedWeight(bc, lib, bias)
                     layer.register_buffer(f"run{i}", weight.data)
                 else:
@@ -308,6 +310,8 @@ class QuantizedLinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         fast = layer.fast_apply
         if fast is not None:
+            if x.dtype != torch.float32:  # (a bf16/fp16 model on the packed kernels)
+                return fast(x.float()).to(x.dtype)  # type: ignore[no-any-return]
             return fast(x)  # type: ignore[no-any-return]
         runs: list[Run] = layer.runs
         bias = layer.bias
@@ -320,7 +324,10 @@ class QuantizedLinearMethod(LinearMethod):
             w = run.weight
             xin = x if run.perm is None else x.index_select(1, run.perm)
             if isinstance(w, PackedWeight):
-                w(xin, out)  # quantizes xin itself (cheap next to the matmul)
+                if x.dtype != torch.float32:
+                    out.copy_(w(xin.float()))
+                else:
+                    w(xin, out)  # quantizes xin itself (cheap next to the matmul)
             elif isinstance(w, TorchPackedWeight):
                 out.copy_(F.linear(xin, w.dequantize(), b))
             else:
