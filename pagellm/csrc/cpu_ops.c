@@ -151,6 +151,41 @@ static void linear_tile3x4(const float* x, int64_t ldx, const float* W, const fl
     if (mr > 2) store_out(y + 2 * N, vf_hsum4(a20, a21, a22, a23), x2, w, KV, K, bias, n0, nvalid);
 }
 
+#if VW == 16
+/* R (4 to 6) input rows against rows n0..n0+3 of W (AVX-512: up to 24 accumulators + 4
+ * weight vectors + 1 input vector of the 32 registers): each weight vector feeds R FMAs,
+ * 0.42 loads per FMA at R = 6 instead of tile3x4's 0.58. The same order per output as
+ * every path here. */
+#define DEFINE_TILE(R)                                                                        \
+    static void linear_tile##R##x4(const float* x, int64_t ldx, const float* W,               \
+                                   const float* bias, float* y, int64_t N, int64_t K,         \
+                                   int64_t n0, int nvalid) {                                  \
+        const float* w[4];                                                                    \
+        for (int i = 0; i < 4; i++) w[i] = W + (n0 + (i < nvalid ? i : nvalid - 1)) * K;     \
+        int64_t KV = K & ~(int64_t)(VW - 1);                                                  \
+        vf acc[R][4];                                                                         \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int j = 0; j < 4; j++) acc[r][j] = vf_zero();                                \
+        for (int64_t k = 0; k < KV; k += VW) {                                                \
+            vf v0 = vf_load(w[0] + k), v1 = vf_load(w[1] + k);                                \
+            vf v2 = vf_load(w[2] + k), v3 = vf_load(w[3] + k);                                \
+            _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {                             \
+                vf xa = vf_load(x + r * ldx + k);                                             \
+                acc[r][0] = vf_fma(xa, v0, acc[r][0]);                                        \
+                acc[r][1] = vf_fma(xa, v1, acc[r][1]);                                        \
+                acc[r][2] = vf_fma(xa, v2, acc[r][2]);                                        \
+                acc[r][3] = vf_fma(xa, v3, acc[r][3]);                                        \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < R; r++)                                                           \
+            store_out(y + r * N, vf_hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]),        \
+                      x + r * ldx, w, KV, K, bias, n0, nvalid);                               \
+    }
+DEFINE_TILE(4)
+DEFINE_TILE(5)
+DEFINE_TILE(6)
+#endif
+
 /* y[M, N] = x W^T + bias. Each thread streams its own contiguous share of W's rows once
  * and applies it to every input row. */
 void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float* bias, float* y,
@@ -163,7 +198,19 @@ void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float
         if (M <= 2) {
             linear_rows4(x, ldx, W, bias, y, M, N, K, n0, nvalid);
         } else {
-            for (int64_t m = 0; m < M; m += 3)
+            int64_t m = 0;
+#if VW == 16
+            for (; m + 6 <= M; m += 6)
+                linear_tile6x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+            if (M - m == 5) {
+                linear_tile5x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+                m += 5;
+            } else if (M - m == 4) {
+                linear_tile4x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+                m += 4;
+            }
+#endif
+            for (; m < M; m += 3)
                 linear_tile3x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid,
                                M - m < 3 ? (int)(M - m) : 3);
         }
