@@ -277,6 +277,9 @@ def test_tp_size_that_does_not_divide_heads() -> None:
         LLM(tensor_parallel_size=2, **SMOL)
     with pytest.raises(ValueError, match="more than the model's 30 layers"):
         LLM(pipeline_parallel_size=31, **SMOL)
+    draft = {"method": "draft_model", "model": "/no/draft", "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match=r"draft model .* with tensor or pipeline parallelism"):
+        LLM(tensor_parallel_size=3, speculative_config=draft, **SMOL)
 
 
 def test_killed_worker_ends_requests_and_server(tiny_llama: str) -> None:

@@ -495,15 +495,6 @@ class EngineArgs:
     def _parallel_config(self) -> ParallelConfig:
         world = self.tensor_parallel_size * self.pipeline_parallel_size
         backend = self.distributed_executor_backend or ("uni" if world == 1 else "mp")
-        if world > 1 and self._speculative_spec() is not None:
-            spec = self._speculative_spec() or {}
-            if spec.get("method", "draft_model") != "ngram" and spec.get("model") not in (
-                "[ngram]", "ngram",
-            ):  # fmt: skip
-                raise ValueError(
-                    "a draft model (speculative decoding) with tensor or pipeline parallelism "
-                    "is not supported yet; use the ngram method, which runs in the scheduler"
-                )
         return ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
@@ -532,6 +523,11 @@ class EngineArgs:
         if method not in ("ngram", "draft_model"):
             raise ValueError(
                 f"speculative_config: method {method!r} is not supported (ngram, draft_model)"
+            )
+        if method == "draft_model" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(
+                "a draft model (speculative decoding) with tensor or pipeline parallelism is "
+                "not supported yet; use the ngram method, which runs in the scheduler"
             )
         k = spec.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 from pagellm.config import EngineConfig
 from pagellm.executor import RECOVERABLE_CALLS, Executor, WorkerFailedError
+from pagellm.worker.worker import split_cores
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +146,15 @@ class RayExecutor(Executor):
 
     def _cores(self, nodes: list[dict[str, Any]], per_worker: int) -> list[list[int] | None]:
         """Disjoint cores for the workers of each node (Ray reserves CPUs, it does not pin)."""
-        out: list[list[int] | None] = []
-        seen: dict[str, int] = {}
-        for n in nodes:
-            j = seen.get(n["node"], 0)
-            seen[n["node"]] = j + 1
-            avail = n["cores"]
-            if not avail:
-                out.append(None)
-                continue
-            start = (j * per_worker) % len(avail)
-            out.append(sorted((avail[start:] + avail[:start])[:per_worker]))
+        by_node: dict[str, list[int]] = {}
+        for rank, n in enumerate(nodes):
+            by_node.setdefault(n["node"], []).append(rank)
+        out: list[list[int] | None] = [None] * len(nodes)
+        for ranks in by_node.values():
+            avail = nodes[ranks[0]]["cores"]
+            if avail:
+                for rank, cores in zip(ranks, split_cores(avail, len(ranks), per_worker)):
+                    out[rank] = cores
         return out
 
     def _get(self, futures: list[Any], what: str) -> list[Any]:

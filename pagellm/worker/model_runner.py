@@ -148,14 +148,6 @@ class ModelRunner:
 
     # ---- KV cache ---------------------------------------------------------------------
 
-    def initialize_kv_cache(self, num_blocks: int | None = None) -> KVCachePlan:
-        """Plan the KV cache from the budget and allocate it; a parallel worker is told
-        ``num_blocks`` (the fewest any worker can hold, see ``plan_kv_cache``)."""
-        plan = self.plan_kv_cache()
-        if num_blocks is not None:
-            plan = dataclasses.replace(plan, num_blocks=num_blocks)
-        return self.allocate_kv_cache(plan)
-
     def plan_kv_cache(self) -> KVCachePlan:
         """This worker's plan: its KV heads and its stage's slots in its budget."""
         mc = self.config.model

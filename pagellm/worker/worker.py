@@ -24,15 +24,13 @@ logger = logging.getLogger(__name__)
 
 
 def pin_to_cores(cores: list[int] | None) -> None:
-    """Bind this process (and so its OpenMP threads) to ``cores`` and use one thread per
-    core. Called before torch builds its thread pool."""
+    """Bind this process (and so the OpenMP threads it starts later) to ``cores``."""
     if not cores:
         return
     try:
         os.sched_setaffinity(0, cores)
     except (AttributeError, OSError) as e:  # not Linux, or cores outside the cgroup
         logger.warning("cannot pin the worker to cores %s: %s", cores, e)
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
 
 
 def split_cores(available: list[int], world_size: int, per_worker: int | None) -> list[list[int]]:
@@ -62,8 +60,6 @@ class Worker:
 
         pc = config.parallel
         self.rank = rank
-        if cores:
-            torch.set_num_threads(len(cores))
         if pc.world_size > 1:
             assert init_method is not None
             backend = "nccl" if config.device.device == "cuda" else "gloo"
