@@ -24,6 +24,7 @@ from pagellm.benchmarks.report import machine_info, print_grid
 from pagellm.benchmarks.roofline import (
     MachinePeaks,
     ModelCosts,
+    compute_kind,
     measure_machine_isolated,
     model_costs,
     step_weight_bytes,
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # what the engine stores: quantized weights and KV count as they are
         costs = model_costs(
             config.model.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
-            round(engine.plan.kv_bytes_per_context_token),
+            round(engine.plan.kv_bytes_per_context_token), compute_kind(config),
         )  # fmt: skip
     peaks: MachinePeaks = measure_machine_isolated(
         config.device.device, config.model.dtype, config.device.num_threads
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         prefill, step = statistics.median(prefills), statistics.median(steps)
         ctx = args.input_len + args.output_len // 2
         best_step = costs.best_step_time(peaks, batch, ctx)
-        best_prefill = costs.prefill_flops(batch, args.input_len) / (peaks.matmul_gflops * 1e9)
+        best_prefill = costs.best_prefill_time(peaks, batch, args.input_len)
         rows.append(
             LatencyRow(
                 batch,
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         )
     print(
         f"\nMachine: {peaks.read_bandwidth_gbs:.1f} GB/s read, {peaks.matmul_gflops:.0f} GFLOP/s "
-        f"{peaks.dtype} matmul, {peaks.threads} threads; weights {costs.weight_bytes / 1e6:.0f} MB/step"
+        f"{peaks.dtype} matmul (best measured), {peaks.compute_gflops(costs.compute):.0f} G ops/s "
+        f"{costs.compute} peak, {peaks.threads} threads; weights {costs.weight_bytes / 1e6:.0f} MB/step"
     )
     print_grid(
         f"Latency ({args.backend}, input {args.input_len}, output {args.output_len}, median of {args.num_iters})",

@@ -23,6 +23,7 @@ never ran it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,17 @@ class MachinePeaks:
     """GB/s of each read method and buffer size; read_bandwidth_gbs is the best of them."""
     matmul_by_method: dict[str, float] = field(default_factory=dict)
     """GFLOP/s of each matmul (torch's BLAS, pagellm's kernels); matmul_gflops is the best."""
+    compute_peaks: dict[str, float] = field(default_factory=dict)
+    """The vector units' arithmetic peak, all threads, operands in registers: G ops/s of
+    "fp32" (FMA), "bf16" (vdpbf16ps pair dots) and "int8" (u8 x s8 dots, 2 ops per
+    multiply-add). Empty on a GPU or where the kernels are not built."""
+
+    def compute_gflops(self, kind: str) -> float:
+        """The compute bound of matmuls run on ``kind`` units: the instruction peak where it
+        was measured (bf16 without its dot instruction runs at the fp32 rate, converted),
+        else the best measured matmul."""
+        peak = self.compute_peaks.get(kind) or self.compute_peaks.get("fp32")
+        return max(peak or 0.0, self.matmul_gflops)
 
 
 @dataclass
@@ -53,6 +65,8 @@ class ModelCosts:
     matmul_params: int
     lm_head_params: int
     kv_bytes_per_token: int
+    compute: str = "fp32"
+    """The units the matmuls run on (a key of MachinePeaks.compute_peaks)."""
 
     def decode_bytes(self, batch: int, context: int) -> float:
         return self.weight_bytes + batch * context * self.kv_bytes_per_token
@@ -68,10 +82,21 @@ class ModelCosts:
         return batch * (2 * body * prompt_len + 2 * self.lm_head_params + attn)
 
     def best_step_time(self, peaks: MachinePeaks, batch: int, context: int) -> float:
+        """The tighter of the two bounds: every byte at the read bandwidth, or every FLOP
+        at the arithmetic peak of the units the matmuls run on."""
         return max(
             self.decode_bytes(batch, context) / (peaks.read_bandwidth_gbs * 1e9),
-            self.decode_flops(batch, context) / (peaks.matmul_gflops * 1e9),
+            self.decode_flops(batch, context) / (peaks.compute_gflops(self.compute) * 1e9),
         )
+
+    def best_prefill_time(self, peaks: MachinePeaks, batch: int, prompt_len: int) -> float:
+        return self.prefill_flops(batch, prompt_len) / (peaks.compute_gflops(self.compute) * 1e9)
+
+    def bound(self, peaks: MachinePeaks, batch: int, context: int) -> str:
+        """Which bound is the tighter one at this batch and context."""
+        mem = self.decode_bytes(batch, context) / peaks.read_bandwidth_gbs
+        comp = self.decode_flops(batch, context) / peaks.compute_gflops(self.compute)
+        return "memory" if mem >= comp else "compute"
 
 
 def model_costs(
@@ -79,6 +104,7 @@ def model_costs(
     dtype_bytes: int,
     weight_bytes: int | None = None,
     kv_bytes_per_token: int | None = None,
+    compute: str = "fp32",
 ) -> ModelCosts:
     """Bytes and FLOPs of a Llama-family model from its config; ``weight_bytes`` and
     ``kv_bytes_per_token`` override the dtype-based sizes with what a loaded engine
@@ -105,7 +131,49 @@ def model_costs(
         matmul_params=matmul_params,
         lm_head_params=vocab * h,
         kv_bytes_per_token=kv_bytes_per_token or layers * 2 * kv_heads * d * dtype_bytes,
+        compute=compute,
     )
+
+
+def compute_kind(config: Any) -> str:
+    """The units a loaded engine's matmuls run on: int8 dots for weights kept quantized on
+    pagellm's CPU kernels (activations are quantized to int8 per row), else the dtype's."""
+    from pagellm.layers import native
+
+    mc = config.model
+    if mc.quantization.method != "none" and config.device.device == "cpu" and native.loaded():
+        return "int8"
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(mc.dtype, "fp32")
+
+
+# (kind, index of the kind in pagellm_peak_ops)
+_PEAK_KINDS = (("fp32", 0), ("int8", 1), ("bf16", 2))
+
+
+def measure_compute_peaks(threads: int) -> dict[str, float]:
+    """G ops/s of each vector unit over all ``threads``, best ISA build and best of 5."""
+    from pagellm.layers import native
+
+    peaks: dict[str, float] = {}
+    for isa in native.supported_isas():
+        lib = native.load(isa)
+        if lib is None:
+            continue
+        for kind, index in _PEAK_KINDS:
+            if lib.pagellm_peak_ops(index, 1, threads) == 0.0:
+                continue  # this build lacks the instruction
+            iters = 1 << 16
+            while True:  # about 50 ms per timed call
+                start = time.perf_counter()
+                lib.pagellm_peak_ops(index, iters, threads)
+                if time.perf_counter() - start > 0.05 or iters > 1 << 30:
+                    break
+                iters *= 2
+            ops = lib.pagellm_peak_ops(index, iters, threads)
+            probe = functools.partial(lib.pagellm_peak_ops, index, iters, threads)
+            rate = ops / _best_of(probe, 5) / 1e9
+            peaks[kind] = max(peaks.get(kind, 0.0), rate)
+    return peaks
 
 
 def step_weight_bytes(model: Any) -> int:
@@ -233,9 +301,10 @@ def measure_machine(
             # The quantized kernels (int8 dot products) can outrun any fp32 matmul: the
             # peak of a quantized model's steps includes them.
             matmul[f"pagellm_qlinear_u4_{isa}/256x{size}"] = _qlinear_rate(lib, x, size)
+    compute = measure_compute_peaks(torch.get_num_threads()) if dev.type == "cpu" else {}
     return MachinePeaks(
         device, dtype, torch.get_num_threads(), max(by_method.values()), max(matmul.values()),
-        by_method, matmul,
+        by_method, matmul, compute,
     )  # fmt: skip
 
 
@@ -286,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[mc.dtype]
     costs = model_costs(
         mc.hf_config, dtype_bytes, step_weight_bytes(engine.core.runner.model),
-        round(engine.plan.kv_bytes_per_context_token),
+        round(engine.plan.kv_bytes_per_context_token), compute_kind(config),
     )  # fmt: skip
     peaks = measure_machine_isolated(config.device.device, mc.dtype, config.device.num_threads)
     ctx = args.context
@@ -303,10 +372,20 @@ def run(args: argparse.Namespace) -> int:
         ("Measured read bandwidth (best)", f"{peaks.read_bandwidth_gbs:.1f} GB/s"),
         *((f"  matmul: {name}", f"{g:.1f} GFLOP/s") for name, g in peaks.matmul_by_method.items()),
         ("Measured matmul peak (best)", f"{peaks.matmul_gflops:.1f} GFLOP/s"),
+        *((f"  peak: {kind}", f"{g:.1f} G ops/s") for kind, g in peaks.compute_peaks.items()),
+        (
+            "Compute bound used (matmuls on)",
+            f"{costs.compute}: {peaks.compute_gflops(costs.compute):.1f} G ops/s",
+        ),
     ]
     for batch in args.batch_sizes:
         best = costs.best_step_time(peaks, batch, ctx)
-        rows.append((f"Best decode, batch {batch}, ctx {ctx}", f"{batch / best:.1f} tok/s"))
+        rows.append(
+            (
+                f"Best decode, batch {batch}, ctx {ctx}",
+                f"{batch / best:.1f} tok/s ({costs.bound(peaks, batch, ctx)} bound)",
+            )
+        )
     print_table("Roofline", rows)
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -60,7 +60,11 @@ ISAS: tuple[IsaSpec, ...] = (
         "avx512",
         ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
-        (("avx512_vnni", "-mavx512vnni"), ("avx_vnni", "-mavxvnni")),
+        (
+            ("avx512_vnni", "-mavx512vnni"),
+            ("avx_vnni", "-mavxvnni"),
+            ("avx512_bf16", "-mavx512bf16"),
+        ),
     ),
     IsaSpec(
         "avx2",
@@ -79,6 +83,7 @@ _F = ctypes.c_float
 _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_isa": ([], ctypes.c_char_p),
     "pagellm_read_sum": ([_P, _I64, _INT], _F),
+    "pagellm_peak_ops": ([_INT, _I64, _INT], ctypes.c_double),
     "pagellm_linear_f32": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT], None),
     "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
     "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),

@@ -50,6 +50,7 @@ def test_latency_json_rows_and_roofline_shares(tiny_model_dirs: Any, tmp_path: A
     assert "roofline" in proc.stdout.lower()
     report = json.loads(out.read_text())
     assert report["peaks"]["read_bandwidth_gbs"] > 0 and report["peaks"]["matmul_gflops"] > 0
+    assert report["peaks"]["compute_peaks"].get("fp32", 1.0) > 0
     costs, peaks = ModelCosts(**report["costs"]), MachinePeaks(**report["peaks"])
     rows = report["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
@@ -59,7 +60,7 @@ def test_latency_json_rows_and_roofline_shares(tiny_model_dirs: Any, tmp_path: A
         # shares are the roofline time over the measured time, from the report's own numbers
         best_step = costs.best_step_time(peaks, r["batch_size"], 16 + 5 // 2)
         assert r["decode_roofline_share"] == pytest.approx(best_step * 1000 / r["decode_step_ms"])
-        best_prefill = costs.prefill_flops(r["batch_size"], 16) / (peaks.matmul_gflops * 1e9)
+        best_prefill = costs.best_prefill_time(peaks, r["batch_size"], 16)
         assert r["prefill_roofline_share"] == pytest.approx(best_prefill * 1000 / r["prefill_ms"])
 
 
@@ -117,3 +118,26 @@ def test_bench_grammar_times_every_backend_on_the_same_path(tmp_path: Any) -> No
         assert s["token_us_median"] > 0 and s["tokenizer_setup_ms"] > 0
     bad = bench("grammar", "--backends", "nonsense")
     assert bad.returncode != 0 and "not installed" in bad.stderr
+
+
+def test_compute_peaks_per_unit_and_the_tighter_bound() -> None:
+    from pagellm.benchmarks.roofline import measure_compute_peaks
+    from pagellm.layers import native
+
+    peaks = measure_compute_peaks(1)
+    if native.load() is None:  # no kernels on this host: no instruction peaks, matmul only
+        assert peaks == {}
+        return
+    assert peaks["fp32"] > 1.0 and peaks["int8"] > 1.0
+    with open("/proc/cpuinfo") as f:
+        has_bf16 = "avx512_bf16" in f.read().split()
+    assert ("bf16" in peaks) == (has_bf16 and "avx512" in native.supported_isas())
+    machine = MachinePeaks("cpu", "float32", 1, 10.0, 5.0, compute_peaks=peaks)
+    # a bf16 model without the dot instruction is bounded by the fp32 rate (converted)
+    assert machine.compute_gflops("bf16") == peaks.get("bf16", peaks["fp32"])
+    assert machine.compute_gflops("int8") == peaks["int8"]
+    costs = ModelCosts(30, 9, 64, 100_000_000, 100_000_000, 0, 1000, compute="int8")
+    assert costs.bound(machine, 1, 16) == "memory"  # 1 token: every weight byte for 2 ops
+    assert costs.bound(machine, 100_000, 16) == "compute"
+    step = costs.best_step_time(machine, 100_000, 16)
+    assert step == pytest.approx(costs.decode_flops(100_000, 16) / (peaks["int8"] * 1e9))
