@@ -1,6 +1,8 @@
-"""The bfloat16 path (``dtype="bfloat16"``), on every CPU: torch ops, except quantized
-weights, which stay packed on the native integer kernels (activations cross to float32
-at their boundary).
+"""The bfloat16 path (``dtype="bfloat16"``), on every CPU. With the native kernels (the
+default) the weights and the KV cache are stored in bf16 and the arithmetic between them
+is float32 (bf16 weights on vdpbf16ps with the inputs rounded to bf16 where the CPU has
+AVX512-BF16); quantized weights stay packed on the integer kernels. Without them
+(``native_kernels=False``) every op is torch's, in bf16.
 
 bf16 keeps 8 bits of mantissa, so no bf16 engine equals an fp32 reference exactly. The
 tolerance here is relative to transformers' own bf16 run of the same weights: measured
@@ -23,16 +25,32 @@ from pagellm import LLM, SamplingParams
 from tests.conftest import hf_logits
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
-def test_bf16_errs_no_more_than_transformers_bf16(arch: str, tiny_model_dirs: Any) -> None:
+@pytest.mark.parametrize(
+    ("arch", "native"),
+    [("LlamaForCausalLM", True), ("Qwen3ForCausalLM", True), ("LlamaForCausalLM", False)],
+)
+def test_bf16_errs_no_more_than_transformers_bf16(
+    arch: str, native: bool, tiny_model_dirs: Any
+) -> None:
     from transformers import AutoModelForCausalLM
 
+    from pagellm.layers import native as native_mod
+
     path = tiny_model_dirs[arch]
-    llm = LLM(path, dtype="bfloat16", block_size=4, kv_cache_memory=8 << 20)
+    llm = LLM(path, dtype="bfloat16", block_size=4, kv_cache_memory=8 << 20, native_kernels=native)
     assert llm.engine.config.model.dtype == "bfloat16"
     runner = llm.engine.core.runner
-    assert runner.native_lib is None and runner.attn_backend.name == "torch"
-    assert all(p.dtype == torch.bfloat16 for p in runner.model.parameters())
+    if native and native_mod.load() is not None:
+        # 16-bit weights (every linear and the embedding), float32 norms and activations
+        assert runner.native_lib is not None and runner.weight_dtype == torch.bfloat16
+        assert runner.attn_backend.name != "torch"
+        for name, p in runner.model.named_parameters():
+            expected = torch.float32 if "norm" in name or name.endswith("bias") else torch.bfloat16
+            assert p.dtype == expected, name
+        assert all(kv.k.dtype == kv.v.dtype == torch.bfloat16 for kv in runner.kv_caches)
+    else:
+        assert runner.native_lib is None and runner.attn_backend.name == "torch"
+        assert all(p.dtype == torch.bfloat16 for p in runner.model.parameters())
     rng = random.Random(3)
     prompt = [rng.randrange(100, 49000) for _ in range(40)]
     out = llm.generate(
@@ -66,9 +84,9 @@ def test_real_model_in_bf16_agrees_with_fp32(smol_llm: Any) -> None:
         "program. A century later, electronic machines filled whole rooms."
     )
     # The GGUF's Q4_1 blocks stay packed (before: dequantized by torch on every call,
-    # 4 tok/s served): the float32 native kernels are off, the quantized ones on.
+    # 4 tok/s served) on the quantized kernels.
     runner = bf16.engine.core.runner
-    assert runner.native_lib is None and runner.quant_lib is not None
+    assert runner.quant_lib is not None
     qkv = runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.method.describe(qkv) == "gguf[u4x1]"
     params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=1, ignore_eos=True)

@@ -186,6 +186,30 @@ DEFINE_TILE(5)
 DEFINE_TILE(6)
 #endif
 
+/* Rows n0..n0+3 of W (nvalid of them) against all M input rows. */
+static void linear_block(const float* x, int64_t ldx, const float* W, const float* bias, float* y,
+                         int64_t M, int64_t N, int64_t K, int64_t n0, int nvalid) {
+    if (M <= 2) {
+        linear_rows4(x, ldx, W, bias, y, M, N, K, n0, nvalid);
+        return;
+    }
+    int64_t m = 0;
+#if VW == 16
+    for (; m + 6 <= M; m += 6)
+        linear_tile6x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+    if (M - m == 5) {
+        linear_tile5x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+        m += 5;
+    } else if (M - m == 4) {
+        linear_tile4x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
+        m += 4;
+    }
+#endif
+    for (; m < M; m += 3)
+        linear_tile3x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid,
+                       M - m < 3 ? (int)(M - m) : 3);
+}
+
 /* y[M, N] = x W^T + bias. Each thread streams its own contiguous share of W's rows once
  * and applies it to every input row. */
 void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float* bias, float* y,
@@ -194,26 +218,167 @@ void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t b = 0; b < nblocks; b++) {
         int64_t n0 = b * 4;
-        int nvalid = N - n0 < 4 ? (int)(N - n0) : 4;
-        if (M <= 2) {
-            linear_rows4(x, ldx, W, bias, y, M, N, K, n0, nvalid);
-        } else {
-            int64_t m = 0;
+        linear_block(x, ldx, W, bias, y, M, N, K, n0, N - n0 < 4 ? (int)(N - n0) : 4);
+    }
+}
+
+/* VW half-precision weights widened to floats: bfloat16 (wtype 1) or IEEE fp16 (2). */
+static inline vf vf_load_half(const uint16_t* p, int wtype) {
+    if (wtype == 1) return vf_load_bf16(p);
 #if VW == 16
-            for (; m + 6 <= M; m += 6)
-                linear_tile6x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
-            if (M - m == 5) {
-                linear_tile5x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
-                m += 5;
-            } else if (M - m == 4) {
-                linear_tile4x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid);
-                m += 4;
-            }
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 #endif
-            for (; m < M; m += 3)
-                linear_tile3x4(x + m * ldx, ldx, W, bias, y + m * N, N, K, n0, nvalid,
-                               M - m < 3 ? (int)(M - m) : 3);
+}
+
+static inline float half_to_float(uint16_t h, int wtype) {
+    if (wtype == 1) {
+        union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+        return v.f;
+    }
+    return _cvtsh_ss(h);
+}
+
+#if defined(__AVX512BF16__) && VW == 16
+/* bfloat16 weights on AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs per instruction
+ * (twice the float32 FMA rate) into float32 lanes. The input rows are rounded to bf16
+ * once per call (xb, rows of ldb elements zero-padded to a multiple of 32); lane l of an
+ * accumulator sums k = 2l, 2l + 1 (mod 32), then the lanes add in vf_hsum4's order, for
+ * every batch size (batch invariant). R (1 to 6) input rows x 4 weight rows per tile. */
+#define DEFINE_BTILE(R)                                                                        \
+    static void bf16_tile##R(const uint16_t* xb, int64_t ldb, const uint16_t* W,               \
+                             const float* bias, float* y, int64_t N, int64_t K, int64_t n0,    \
+                             int nvalid) {                                                     \
+        const uint16_t* w[4];                                                                  \
+        for (int i = 0; i < 4; i++) w[i] = W + (n0 + (i < nvalid ? i : nvalid - 1)) * K;      \
+        __m512 acc[R][4];                                                                      \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();                       \
+        int64_t k = 0;                                                                         \
+        for (; k + 32 <= K; k += 32) {                                                         \
+            __m512bh v0 = (__m512bh)_mm512_loadu_si512(w[0] + k);                              \
+            __m512bh v1 = (__m512bh)_mm512_loadu_si512(w[1] + k);                              \
+            __m512bh v2 = (__m512bh)_mm512_loadu_si512(w[2] + k);                              \
+            __m512bh v3 = (__m512bh)_mm512_loadu_si512(w[3] + k);                              \
+            _Pragma("GCC unroll 6") for (int r = 0; r < R; r++) {                              \
+                __m512bh xa = (__m512bh)_mm512_loadu_si512(xb + r * ldb + k);                  \
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xa, v0);                               \
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xa, v1);                               \
+                acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xa, v2);                               \
+                acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xa, v3);                               \
+            }                                                                                  \
+        }                                                                                      \
+        if (k < K) { /* the tail: weights masked, the input is zero-padded */                 \
+            __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1);                               \
+            __m512bh v[4];                                                                     \
+            for (int j = 0; j < 4; j++) v[j] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w[j] + k); \
+            for (int r = 0; r < R; r++) {                                                      \
+                __m512bh xa = (__m512bh)_mm512_loadu_si512(xb + r * ldb + k);                  \
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xa, v[j]); \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; r++) {                                                          \
+            float o[4];                                                                        \
+            _mm_storeu_ps(o, vf_hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));            \
+            for (int i = 0; i < nvalid; i++)                                                   \
+                y[r * N + n0 + i] = o[i] + (bias ? bias[n0 + i] : 0.0f);                       \
+        }                                                                                      \
+    }
+DEFINE_BTILE(1)
+DEFINE_BTILE(2)
+DEFINE_BTILE(3)
+DEFINE_BTILE(4)
+DEFINE_BTILE(5)
+DEFINE_BTILE(6)
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite inputs) */
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static void linear_bf16_dot(const float* x, int64_t ldx, const uint16_t* W, const float* bias,
+                            float* y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    int64_t ldb = (K + 31) & ~(int64_t)31, nblocks = (N + 3) / 4;
+    uint16_t* xb = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)(M * ldb));
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float* src = x + m * ldx;
+            uint16_t* dst = xb + m * ldb;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)
+                _mm256_storeu_si256((__m256i*)(dst + k),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+            for (; k < K; k++) dst[k] = float_to_bf16(src[k]);
+            for (; k < ldb; k++) dst[k] = 0;
         }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t n0 = b * 4;
+            int nvalid = N - n0 < 4 ? (int)(N - n0) : 4;
+            for (int64_t m = 0; m < M; m += 6) {
+                const uint16_t* xr = xb + m * ldb;
+                float* yr = y + m * N;
+                switch (M - m < 6 ? M - m : 6) {
+                    case 1: bf16_tile1(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                    case 2: bf16_tile2(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                    case 3: bf16_tile3(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                    case 4: bf16_tile4(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                    case 5: bf16_tile5(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                    default: bf16_tile6(xr, ldb, W, bias, yr, N, K, n0, nvalid); break;
+                }
+            }
+        }
+    }
+    free(xb);
+}
+#endif
+
+/* 1 when bf16 weights run on vdpbf16ps in this build (inputs rounded to bf16), else 0. */
+int pagellm_has_bf16_dot(void) {
+#if defined(__AVX512BF16__) && VW == 16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[M, N] = x W^T + bias with W[N, K] stored in 16 bits (a bf16/fp16 run on the CPU: the
+ * weights keep their dtype, the arithmetic is float32). Each block of 4 weight rows is
+ * widened once into the thread's scratch (it stays in L1/L2) and then runs the float32
+ * kernels on every input row: half the weight bytes of float32 per step, the float32
+ * reduction order (batch invariant), the float32 FMA rate. bf16 weights on a build with
+ * AVX512-BF16 take linear_bf16_dot instead. */
+void pagellm_linear_half(const float* x, int64_t ldx, const uint16_t* W, int wtype,
+                         const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                         int nthreads) {
+#if defined(__AVX512BF16__) && VW == 16
+    if (wtype == 1) {
+        linear_bf16_dot(x, ldx, W, bias, y, M, N, K, nthreads);
+        return;
+    }
+#endif
+    int64_t nblocks = (N + 3) / 4;
+    int64_t KV = K & ~(int64_t)(VW - 1);
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* wbuf = (float*)malloc(sizeof(float) * (size_t)(4 * K));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t n0 = b * 4;
+            int nvalid = N - n0 < 4 ? (int)(N - n0) : 4;
+            for (int i = 0; i < nvalid; i++) {
+                const uint16_t* src = W + (n0 + i) * K;
+                float* dst = wbuf + i * K;
+                int64_t k = 0;
+                for (; k < KV; k += VW) vf_store(dst + k, vf_load_half(src + k, wtype));
+                for (; k < K; k++) dst[k] = half_to_float(src[k], wtype);
+            }
+            linear_block(x, ldx, wbuf, bias ? bias + n0 : NULL, y + n0, M, N, K, 0, nvalid);
+        }
+        free(wbuf);
     }
 }
 

@@ -44,6 +44,19 @@ void pagellm_paged_attention(const float* q, int64_t ldq, const void* k_cache,
                              int64_t Hkv, int64_t D, int64_t block_size, int64_t max_seq_len,
                              float scale, int kvt, int64_t window, float softcap, int nthreads);
 
+void pagellm_linear_half(const float* x, int64_t ldx, const uint16_t* W, int wtype,
+                         const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                         int nthreads);
+
+/* y = x W^T + b for a float run of either weight type. */
+static void dense(const void* W, int64_t wtype, const float* x, int64_t ldx, const float* bias,
+                  float* y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    if (wtype)
+        pagellm_linear_half(x, ldx, (const uint16_t*)W, (int)wtype, bias, y, M, N, K, nthreads);
+    else
+        pagellm_linear_f32(x, ldx, (const float*)W, bias, y, M, N, K, nthreads);
+}
+
 typedef struct pagellm_qweight pagellm_qweight;
 void pagellm_qlinear_f32(const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
                          const pagellm_qweight* w, int nthreads);
@@ -55,10 +68,11 @@ void pagellm_qlinear_f32(const float* x, int64_t ldx, int64_t M, float* y, int64
  * (GPTQ act-order) gathers its input channels first. */
 typedef struct {
     const pagellm_qweight* packed;
-    const float* weight;
+    const void* weight; /* float32 [end - start, K], or 16-bit (wtype) */
     const float* bias;
     const int64_t* perm;
     int64_t start, end;
+    int64_t wtype; /* 0: float32 weight; 1: bfloat16, 2: fp16 (pagellm_linear_half) */
 } pagellm_run_desc;
 
 typedef struct {
@@ -122,9 +136,9 @@ static void linear(const pagellm_linear_desc* d, const float* x, int64_t ldx, in
         if (run->packed) {
             pagellm_qlinear_f32(xin, ldin, M, y + run->start, ldy, run->packed, nthreads);
         } else if (d->num_runs == 1 && ldy == n) {
-            pagellm_linear_f32(xin, ldin, run->weight, run->bias, y, M, n, K, nthreads);
+            dense(run->weight, run->wtype, xin, ldin, run->bias, y, M, n, K, nthreads);
         } else { /* into a scratch [M, n], then its columns of y (as the module path does) */
-            pagellm_linear_f32(xin, ldin, run->weight, run->bias, tmp, M, n, K, nthreads);
+            dense(run->weight, run->wtype, xin, ldin, run->bias, tmp, M, n, K, nthreads);
             for (int64_t m = 0; m < M; m++)
                 memcpy(y + m * ldy + run->start, tmp + m * n, sizeof(float) * (size_t)n);
         }

@@ -85,6 +85,8 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_read_sum": ([_P, _I64, _INT], _F),
     "pagellm_peak_ops": ([_INT, _I64, _INT], ctypes.c_double),
     "pagellm_linear_f32": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT], None),
+    "pagellm_linear_half": ([_P, _I64, _P, _INT, _P, _P, _I64, _I64, _I64, _INT], None),
+    "pagellm_has_bf16_dot": ([], _INT),
     "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
     "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),
     "pagellm_silu_and_mul_f32": ([_P, _P, _I64, _I64, _INT], None),
@@ -113,7 +115,7 @@ MAX_RUNS = 4
 class RunDesc(ctypes.Structure):
     _fields_ = [
         ("packed", _P), ("weight", _P), ("bias", _P), ("perm", _P),
-        ("start", _I64), ("end", _I64),
+        ("start", _I64), ("end", _I64), ("wtype", _I64),
     ]  # fmt: skip
 
 

@@ -53,6 +53,33 @@ def current_quant_lib() -> ctypes.CDLL | None:
     return _QUANT_NATIVE.get() or _NATIVE.get()
 
 
+_WEIGHT_DTYPE: ContextVar[torch.dtype | None] = ContextVar("pagellm_weight_dtype", default=None)
+
+# the wtype argument of pagellm_linear_half
+_HALF_TYPES = {torch.bfloat16: 1, torch.float16: 2}
+
+
+@contextmanager
+def use_weight_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Unquantized linear weights built inside this block are stored in ``dtype`` while
+    the activations stay in the default dtype: a bf16/fp16 run on the CPU keeps its
+    weights in 16 bits and does its arithmetic in float32 on the native kernels."""
+    token = _WEIGHT_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _WEIGHT_DTYPE.reset(token)
+
+
+def half_weight_type(dtype: torch.dtype) -> int:
+    """pagellm_linear_half's code of a 16-bit weight dtype; 0 for float32."""
+    return _HALF_TYPES.get(dtype, 0)
+
+
+def current_weight_dtype() -> torch.dtype | None:
+    return _WEIGHT_DTYPE.get()
+
+
 def num_threads() -> int:
     return torch.get_num_threads()
 
@@ -79,11 +106,20 @@ def linear(
         M, K = x.shape
         N = weight.shape[0]
         y = torch.empty((M, N), dtype=x.dtype)
-        lib.pagellm_linear_f32(
-            x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), y.data_ptr(),
-            M, N, K, num_threads(),
-        )  # fmt: skip
+        wtype = _HALF_TYPES.get(weight.dtype)
+        if wtype is not None:  # 16-bit weights, float32 arithmetic
+            lib.pagellm_linear_half(
+                x.data_ptr(), x.stride(0), weight.data_ptr(), wtype, _ptr(bias), y.data_ptr(),
+                M, N, K, num_threads(),
+            )  # fmt: skip
+        else:
+            lib.pagellm_linear_f32(
+                x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), y.data_ptr(),
+                M, N, K, num_threads(),
+            )  # fmt: skip
         return y
+    if weight.dtype != x.dtype:  # stored weights in 16 bits without the kernels
+        weight = weight.to(x.dtype)
     return F.linear(x, weight, bias)
 
 

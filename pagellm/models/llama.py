@@ -21,6 +21,7 @@ from pagellm.distributed.parallel_state import (
     pp_layer_range,
     tp_partition,
 )
+from pagellm.layers import ops
 from pagellm.layers.activation import GATED_ACTIVATIONS, SiluAndMul
 from pagellm.layers.attention import Attention, AttentionSpec, get_forward_context
 from pagellm.layers.linear import Linear, VocabEmbedding
@@ -380,6 +381,7 @@ def _linear_desc(layer: Linear) -> Any:
         w = run.weight
         if isinstance(w, torch.Tensor):
             d.weight = w.data_ptr()
+            d.wtype = ops.half_weight_type(w.dtype)
             if layer.bias is not None:
                 d.bias = layer.bias.data_ptr() + run.start * layer.bias.element_size()
         else:  # a PackedWeight (native_runs excludes the torch layout): it carries the bias

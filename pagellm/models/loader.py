@@ -31,7 +31,7 @@ from pagellm.config import (
     DEFAULT_MODEL_INSTALL,
     QuantConfig,
 )
-from pagellm.layers.ops import use_native_kernels, use_quant_kernels
+from pagellm.layers.ops import use_native_kernels, use_quant_kernels, use_weight_dtype
 from pagellm.layers.quantization import use_quant_config
 from pagellm.models.gguf import open_gguf
 from pagellm.models.registry import check_architecture, get_model_class
@@ -193,10 +193,13 @@ def build_model(
     native_lib: ctypes.CDLL | None,
     quant_config: QuantConfig | None = None,
     quant_lib: ctypes.CDLL | None = None,
+    weight_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Construct the network on ``device`` in ``dtype`` and load its weights, stored as
     ``quant_config`` says (default: unquantized). ``quant_lib``: the native library for
-    quantized layers when ``native_lib`` is off (a bf16/fp16 run on CPU)."""
+    quantized layers when ``native_lib`` is off. ``weight_dtype``: the dtype unquantized
+    linear and embedding weights are stored in when it is not ``dtype`` (a bf16/fp16 run
+    on the CPU: 16-bit weights, float32 activations)."""
     start = time.perf_counter()
     cls = get_model_class(architecture)
     qc = quant_config or QuantConfig()
@@ -208,6 +211,7 @@ def build_model(
         use_native_kernels(native_lib),
         use_quant_kernels(quant_lib),
         use_quant_config(qc),
+        use_weight_dtype(weight_dtype),
     ):
         model = cls(hf_config)
         model.load_weights(iter_weights(model_path, hf_config))  # type: ignore[operator]

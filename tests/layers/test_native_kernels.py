@@ -253,3 +253,30 @@ def test_linear_is_batch_invariant(lib: ctypes.CDLL, N: int, K: int) -> None:
     for M in (2, 3, 4, 17, 300):
         batch = ops.linear(rows[7 - min(7, M - 1) : 7 - min(7, M - 1) + M], w, b, lib)
         assert torch.equal(batch[min(7, M - 1)], alone[0]), M
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 5, 7, 13])
+@pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 44), (1539, 1536), (6, 70)])
+def test_linear_half_weights(lib: ctypes.CDLL, dtype: torch.dtype, M: int, N: int, K: int) -> None:
+    """16-bit weights, float32 arithmetic: equal to torch on the widened weights (and, on
+    the vdpbf16ps path, on the input rounded to bf16), and batch invariant."""
+    g = torch.Generator().manual_seed(M * 7 + N)
+    x_full = torch.randn(M + 3, K, generator=g)
+    x = x_full[:M]
+    w = (torch.randn(N, K, generator=g) * 0.1).to(dtype)
+    b = torch.randn(N, generator=g)
+    wtype = {torch.bfloat16: 1, torch.float16: 2}[dtype]
+    dot = dtype == torch.bfloat16 and lib.pagellm_has_bf16_dot() == 1
+    y = torch.empty(M, N)
+    lib.pagellm_linear_half(
+        x.data_ptr(), K, w.data_ptr(), wtype, b.data_ptr(), y.data_ptr(), M, N, K, 2
+    )
+    xin = x.to(torch.bfloat16).float() if dot else x
+    torch.testing.assert_close(y, xin @ w.float().T + b, rtol=1e-4, atol=1e-4)
+    for m in range(M):  # each row alone: the same bits
+        y1 = torch.empty(1, N)
+        lib.pagellm_linear_half(
+            x[m].data_ptr(), K, w.data_ptr(), wtype, b.data_ptr(), y1.data_ptr(), 1, N, K, 1
+        )
+        assert torch.equal(y1[0], y[m])

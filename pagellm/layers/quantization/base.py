@@ -103,7 +103,8 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def create_weights(self, layer: Linear) -> None:
         layer.weight = torch.nn.Parameter(
-            torch.empty(layer.out_features, layer.in_features), requires_grad=False
+            torch.empty(layer.out_features, layer.in_features, dtype=ops.current_weight_dtype()),
+            requires_grad=False,
         )
         layer.loaded_shards = set()
 
@@ -126,11 +127,14 @@ class UnquantizedLinearMethod(LinearMethod):
         return ops.linear(x, layer.weight, layer.bias, layer._lib)
 
     def embed(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, layer.weight)
+        rows = F.embedding(ids, layer.weight)
+        _, dtype = layer.bias_device_dtype()
+        return rows if rows.dtype == dtype else rows.to(dtype)
 
     def native_runs(self, layer: Linear) -> list[Run] | None:
         w = layer.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or layer._lib is None:
+        native_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        if w.device.type != "cpu" or w.dtype not in native_dtypes or layer._lib is None:
             return None
         return [Run(0, layer.out_features, w)]
 
