@@ -345,6 +345,32 @@ int pagellm_has_bf16_dot(void) {
 #endif
 }
 
+/* linear_rows4 for 16-bit weights widened in registers (one or two input rows: decode,
+ * where a scratch copy would cost more than the weight reads it saves), for K a multiple
+ * of VW. Widening is exact, so the results are linear_rows4's on the widened weights,
+ * bit for bit. */
+static void linear_rows4_half(const float* x, int64_t ldx, const uint16_t* W, int wtype,
+                              const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                              int64_t n0, int nvalid) {
+    const uint16_t* w[4];
+    for (int i = 0; i < 4; i++) w[i] = W + (n0 + (i < nvalid ? i : nvalid - 1)) * K;
+    int64_t KV = K & ~(int64_t)(VW - 1);
+    for (int64_t m = 0; m < M; m++) {
+        const float* xa = x + m * ldx;
+        vf a0 = vf_zero(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < KV; k += VW) {
+            vf va = vf_load(xa + k);
+            a0 = vf_fma(va, vf_load_half(w[0] + k, wtype), a0);
+            a1 = vf_fma(va, vf_load_half(w[1] + k, wtype), a1);
+            a2 = vf_fma(va, vf_load_half(w[2] + k, wtype), a2);
+            a3 = vf_fma(va, vf_load_half(w[3] + k, wtype), a3);
+        }
+        float r[4];
+        _mm_storeu_ps(r, vf_hsum4(a0, a1, a2, a3));
+        for (int i = 0; i < nvalid; i++) y[m * N + n0 + i] = r[i] + (bias ? bias[n0 + i] : 0.0f);
+    }
+}
+
 /* y[M, N] = x W^T + bias with W[N, K] stored in 16 bits (a bf16/fp16 run on the CPU: the
  * weights keep their dtype, the arithmetic is float32). Each block of 4 weight rows is
  * widened once into the thread's scratch (it stays in L1/L2) and then runs the float32
@@ -362,6 +388,14 @@ void pagellm_linear_half(const float* x, int64_t ldx, const uint16_t* W, int wty
 #endif
     int64_t nblocks = (N + 3) / 4;
     int64_t KV = K & ~(int64_t)(VW - 1);
+    if (M <= 2 && KV == K) { /* (a K % VW tail would round apart from store_out's) */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            int64_t n0 = b * 4;
+            linear_rows4_half(x, ldx, W, wtype, bias, y, M, N, K, n0, N - n0 < 4 ? (int)(N - n0) : 4);
+        }
+        return;
+    }
 #pragma omp parallel num_threads(nthreads)
     {
         float* wbuf = (float*)malloc(sizeof(float) * (size_t)(4 * K));
