@@ -222,6 +222,14 @@ void pagellm_linear_f32(const float* x, int64_t ldx, const float* W, const float
     }
 }
 
+static inline uint16_t f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7FFF + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
 /* VW half-precision weights widened to floats: bfloat16 (wtype 1) or IEEE fp16 (2). */
 static inline vf vf_load_half(const uint16_t* p, int wtype) {
     if (wtype == 1) return vf_load_bf16(p);
@@ -237,7 +245,7 @@ static inline float half_to_float(uint16_t h, int wtype) {
         union { uint32_t u; float f; } v = {(uint32_t)h << 16};
         return v.f;
     }
-    return _cvtsh_ss(h);
+    return fp16_to_float(h);
 }
 
 #if defined(__AVX512BF16__) && VW == 16
@@ -292,11 +300,6 @@ DEFINE_BTILE(4)
 DEFINE_BTILE(5)
 DEFINE_BTILE(6)
 
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even (finite inputs) */
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
-
 static void linear_bf16_dot(const float* x, int64_t ldx, const uint16_t* W, const float* bias,
                             float* y, int64_t M, int64_t N, int64_t K, int nthreads) {
     int64_t ldb = (K + 31) & ~(int64_t)31, nblocks = (N + 3) / 4;
@@ -311,7 +314,7 @@ static void linear_bf16_dot(const float* x, int64_t ldx, const uint16_t* W, cons
             for (; k + 16 <= K; k += 16)
                 _mm256_storeu_si256((__m256i*)(dst + k),
                                     (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
-            for (; k < K; k++) dst[k] = float_to_bf16(src[k]);
+            for (; k < K; k++) dst[k] = f32_to_bf16(src[k]);
             for (; k < ldb; k++) dst[k] = 0;
         }
 #pragma omp for schedule(static)
@@ -509,14 +512,6 @@ static inline vf kv_load(const void* base, int64_t idx, int kvt) {
         case KV_I8: return vf_load_i8((const int8_t*)base + idx);
         default: return vf_load((const float*)base + idx);
     }
-}
-
-static inline uint16_t f32_to_bf16(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7FFF + ((u >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(u >> 16);
 }
 
 /* float -> fp8 e4m3fn, round to nearest even, saturating at +-448 (e4m3fn has no inf). */

@@ -274,12 +274,8 @@ void pagellm_qlinear(const int8_t* xq, const float* xd, const float* xs, int64_t
 
 /* ---- dequantization (embedding rows, tests, large-batch tiles) ---------------------- */
 
-static inline float half_to_float(uint16_t h) {
-    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
-}
-
 static inline float load_scale1(const uint8_t* p, int f16, int64_t idx) {
-    return f16 ? half_to_float(((const uint16_t*)p)[idx]) : ((const float*)p)[idx];
+    return f16 ? fp16_to_float(((const uint16_t*)p)[idx]) : ((const float*)p)[idx];
 }
 
 /* out[i, :] = row rows[i] of the packed matrix, as floats: scale * code, then + min,

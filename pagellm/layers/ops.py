@@ -106,8 +106,8 @@ def linear(
         M, K = x.shape
         N = weight.shape[0]
         y = torch.empty((M, N), dtype=x.dtype)
-        wtype = _HALF_TYPES.get(weight.dtype)
-        if wtype is not None:  # 16-bit weights, float32 arithmetic
+        wtype = half_weight_type(weight.dtype)
+        if wtype:  # 16-bit weights, float32 arithmetic
             lib.pagellm_linear_half(
                 x.data_ptr(), x.stride(0), weight.data_ptr(), wtype, _ptr(bias), y.data_ptr(),
                 M, N, K, num_threads(),
