@@ -93,6 +93,9 @@ class CacheConfig:
     """Reuse KV blocks of identical prompt prefixes across requests."""
     kv_cache_dtype: str = "float32"
     """How K and V are stored: float32, bfloat16, float16, fp8_e4m3 or int8 (resolved)."""
+    kv_events: bool = False
+    """Report the block hashes cached and evicted each step (vLLM's KV events), for the
+    data-parallel router; on when data_parallel_size > 1."""
 
 
 # KV cache groups: how layers of different attention kinds share one block pool.
@@ -223,6 +226,9 @@ class ParallelConfig:
     cpus_per_worker: int | None = None
     """CPU cores (and threads) per worker; None: the cores this process may use, split
     evenly (mp) or 1 (ray, one bundle per worker)."""
+    data_parallel_size: int = 1
+    """Engine cores (replicas, each with its own workers, KV cache and scheduler) behind
+    one front end; the router (pagellm.entrypoints.router) picks one per request."""
 
     @property
     def world_size(self) -> int:

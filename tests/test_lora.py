@@ -350,10 +350,11 @@ def test_server_lists_loads_and_unloads_adapters(
         from prometheus_client.parser import text_string_to_metric_families
 
         families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
-        (series,) = families["pagellm:lora_requests_info"].samples
-        assert series.labels == {"max_lora": "2", "running_lora_adapters": "",
-                                 "waiting_lora_adapters": ""}  # fmt: skip
-        assert series.value > 1.7e9  # a timestamp
+        for name in ("pagellm:lora_requests_info", "vllm:lora_requests_info"):
+            (series,) = families[name].samples
+            assert series.labels == {"engine": "0", "max_lora": "2", "running_lora_adapters": "",
+                                     "waiting_lora_adapters": ""}  # fmt: skip
+            assert series.value > 1.7e9  # a timestamp
     finally:
         assert srv.stop() == 0, srv.logs()
     assert "Traceback" not in srv.logs()

@@ -175,8 +175,9 @@ def test_seed_llm_keyword_arguments() -> None:
     # The seeds' "LLM parameters": tensor_parallel_size, gpu_memory_utilization, swap space.
     EngineArgs(tensor_parallel_size=1, gpu_memory_utilization=0.9, swap_space=4)._check()
     EngineArgs(tensor_parallel_size=2, pipeline_parallel_size=2)._check()
-    with pytest.raises(ValueError, match="data_parallel_size=2 is not yet supported"):
-        EngineArgs(data_parallel_size=2)._check()
+    EngineArgs(data_parallel_size=2)._check()
+    with pytest.raises(ValueError, match="data_parallel_size must be"):
+        EngineArgs(data_parallel_size=0)._check()
     with pytest.raises(ValueError, match="uni runs one worker"):
         EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni")._check()
     with pytest.raises(ValueError, match="external_launcher"):
@@ -267,10 +268,10 @@ def test_parallel_sizes(parser: argparse.ArgumentParser, flag: str, name: str) -
 
 
 @pytest.mark.parametrize("flag", ["--data-parallel-size", "-dp"])
-def test_data_parallel_refused(parser: argparse.ArgumentParser, capsys: Any, flag: str) -> None:
+def test_data_parallel_size(parser: argparse.ArgumentParser, capsys: Any, flag: str) -> None:
     assert parse(parser, f"serve m {flag} 1").data_parallel_size == 1
-    msg = refused(parser, f"serve m {flag} 2", capsys)
-    assert "data_parallel_size=2 is not yet supported (issue 25)" in msg
+    assert parse(parser, f"serve m {flag} 2").data_parallel_size == 2
+    assert "data_parallel_size must be" in refused(parser, f"serve m {flag} 0", capsys)
 
 
 # ---- options that used to be ignored --------------------------------------------------

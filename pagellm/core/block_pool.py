@@ -14,6 +14,10 @@ The free list is ordered for eviction (least recently used first). Freed blocks 
 its tail; a request frees its blocks last-to-first so a prompt's tail is evicted before
 its head, keeping shared prefixes alive longest. Allocation pops from the head and, if
 the block was cached, drops its hash (eviction).
+
+With ``record_events`` the pool also logs every hash it starts or stops serving (vLLM's
+KV events: BlockStored / BlockRemoved), which the engine ships with each step so that a
+data-parallel router knows exactly which prefixes each replica holds.
 """
 
 from __future__ import annotations
@@ -56,7 +60,9 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, record_events: bool = False
+    ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -66,6 +72,9 @@ class BlockPool:
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, KVBlock] = {}
         self.num_cache_evictions = 0
+        # Hashes cached and dropped since the last take_events() (None: not recorded).
+        self._stored: list[BlockHash] | None = [] if record_events else None
+        self._removed: list[BlockHash] = []
 
     # ---- queries -------------------------------------------------------------------
 
@@ -129,6 +138,8 @@ class BlockPool:
             return  # an identical block is already cached; this one stays private
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        if self._stored is not None:
+            self._stored.append(block_hash)
 
     def uncache_block(self, block: KVBlock) -> None:
         """Forget a block's hash (its contents are about to change)."""
@@ -143,6 +154,8 @@ class BlockPool:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) is block:
                 del self._cached[block.block_hash]
+                if self._stored is not None:
+                    self._removed.append(block.block_hash)
             block.block_hash = None
 
     def reset_prefix_cache(self) -> bool:
@@ -151,8 +164,19 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+        if self._stored is not None:
+            self._removed.extend(self._cached)
         self._cached.clear()
         return True
+
+    def take_events(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """(stored, removed) hashes since the last call, in order; removals apply after
+        the stores of the same batch (a hash stored and evicted in one step is in both)."""
+        if self._stored is None:
+            return [], []
+        stored, removed = self._stored, self._removed
+        self._stored, self._removed = [], []
+        return stored, removed
 
     # ---- invariants ----------------------------------------------------------------
 

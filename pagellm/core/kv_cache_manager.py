@@ -58,6 +58,7 @@ class KVCacheManager:
         block_size: int,
         enable_caching: bool = True,
         group_windows: Sequence[int | None] = (None,),
+        record_events: bool = False,
     ) -> None:
         if not group_windows:
             raise ValueError("at least one KV cache group is needed")
@@ -66,7 +67,7 @@ class KVCacheManager:
         self.windows = tuple(group_windows)
         """Each group's sliding window (None: full attention)."""
         self._all_full = all(w is None for w in self.windows)
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching, record_events)
         self.req_to_blocks: dict[str, list[list[KVBlock]]] = {}
         # How many leading blocks of each request are registered in the prefix cache, so
         # that a step looks only at the blocks filled since (not the whole list).

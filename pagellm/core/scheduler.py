@@ -77,7 +77,7 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
-            kv_group_windows,
+            kv_group_windows, cache_config.kv_events,
         )  # fmt: skip
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()

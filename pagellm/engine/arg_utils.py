@@ -85,13 +85,6 @@ def _kv_cache_dtype_message(value: str) -> str:
     )
 
 
-def _parallel_refusal(name: str, size: int) -> str:
-    return (
-        f"{name}={size} is not yet supported (issue 25): one engine replica (use {name}=1; "
-        "--tensor-parallel-size and --pipeline-parallel-size split one model over workers)"
-    )
-
-
 def _every_layer_slides(hf_config: Any, arch: str) -> bool:
     from pagellm.models.registry import attention_windows
 
@@ -185,7 +178,8 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     """Pipeline stages: the layers split across ranks, hidden states passed on."""
     data_parallel_size: int = 1
-    """Engine replicas; 1 (more is refused until issue 25 lands)."""
+    """Engine replicas behind one API server (each its own workers, KV cache and
+    scheduler; requests routed by pagellm.entrypoints.router). The offline LLM runs one."""
     distributed_executor_backend: str | None = None
     """uni (one worker in the engine's process), mp (local worker processes) or ray (Ray
     actors; RAY_ADDRESS names a running cluster). None: uni for one worker, else mp."""
@@ -301,8 +295,6 @@ class EngineArgs:
             )
 
     def _check_parallel(self) -> None:
-        if self.data_parallel_size != 1:
-            raise ValueError(_parallel_refusal("data_parallel_size", self.data_parallel_size))
         if self.distributed_executor_backend == "external_launcher":
             raise ValueError(
                 "distributed_executor_backend external_launcher (torchrun starting one engine "
@@ -461,6 +453,7 @@ class EngineArgs:
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_dtype=dtype if kv_dtype == "auto" else kv_dtype,
+                kv_events=self.data_parallel_size > 1,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -501,6 +494,7 @@ class EngineArgs:
             distributed_executor_backend=backend,
             worker_timeout=float(self.worker_timeout),
             cpus_per_worker=self.cpus_per_worker,
+            data_parallel_size=self.data_parallel_size,
         )
 
     def _speculative_config(self, target: ModelConfig, device: str) -> SpeculativeConfig | None:
@@ -691,7 +685,9 @@ class EngineArgs:
         add("--pipeline-parallel-size", "-pp", type=int, default=1,
             help="pipeline stages (layers split across workers)")  # fmt: skip
         add("--data-parallel-size", "-dp", type=int, default=1,
-            help="1 (more: not yet supported, issue 25)")  # fmt: skip
+            help="engine replicas behind one server, each with its own workers, KV cache "
+            "and scheduler (on CPU each gets an even share of the cores); requests go to "
+            "the replica caching their prefix, else the least loaded")  # fmt: skip
         add("--distributed-executor-backend", default=None,
             choices=("mp", "ray", "uni", "external_launcher"),
             help="uni: in-process; mp: local worker processes; ray: Ray actors (RAY_ADDRESS "

@@ -15,18 +15,30 @@ runs on the event loop, and the event loop never touches the scheduler. A reques
 aborted from the event loop (client gone, stop string) reaches the engine before its
 next step, which frees its KV blocks. If the engine process dies every stream fails
 with EngineDeadError and ``on_dead`` callbacks run (the server exits non-zero).
+
+Data parallel (``parallel.data_parallel_size`` N > 1): N engine processes, one
+``EngineCoreClient`` each, behind the same input and output processors. A router (see
+pagellm.entrypoints.router) picks each request's replica from the replicas' loads and
+the KV events they report; every later command for the request (abort) goes to that
+replica. A replica that dies fails only its own streams and leaves the rotation; the
+engine is dead (``on_dead``) when the last one goes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
+import os
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Protocol
 
 from pagellm.config import EngineConfig
+from pagellm.core.request import Request
 from pagellm.core.sched_output import EngineCoreOutput
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.core_client import EngineCoreClient
@@ -58,8 +70,127 @@ class QueueFullError(RuntimeError):
 
 class StatLogger(Protocol):
     def record(
-        self, iteration: IterationStats | None, scheduler: SchedulerStats | None
+        self, iteration: IterationStats | None, scheduler: SchedulerStats | None, engine: int = 0
     ) -> None: ...
+
+
+session_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "pagellm_session_key", default=None
+)
+"""The routing session of the request being admitted (set by the API layer from a header
+or the body's ``user``/``prompt_cache_key``): data-parallel replicas keep a session on the
+replica that served it first."""
+
+
+class RoutingChoice(Protocol):
+    engine: int
+
+
+class ReplicaRouter(Protocol):
+    """What AsyncLLM needs of a data-parallel router (pagellm.entrypoints.router.Router)."""
+
+    def route(
+        self,
+        prompt_token_ids: Sequence[int],
+        loads: Sequence[int],
+        *,
+        cache_key: object = None,
+        lora_id: int = 0,
+        session: str | None = None,
+        now: float | None = None,
+    ) -> RoutingChoice: ...
+
+    def record_kv_events(
+        self, engine: int, stored: Sequence[bytes], removed: Sequence[bytes]
+    ) -> None: ...
+
+    def mark_dead(self, engine: int) -> None: ...
+
+
+class _LeastLoaded:
+    """The router used when none is given: the replica with the fewest tokens in flight."""
+
+    def __init__(self, num_engines: int) -> None:
+        self.alive = [True] * num_engines
+
+    def route(
+        self, prompt_token_ids: Sequence[int], loads: Sequence[int], **_: Any
+    ) -> RoutingChoice:
+        live = [i for i, ok in enumerate(self.alive) if ok]
+        if not live:
+            raise RuntimeError("no engine replica is alive")
+        choice = _Choice()
+        choice.engine = min(live, key=lambda i: loads[i])
+        return choice
+
+    def record_kv_events(
+        self, engine: int, stored: Sequence[bytes], removed: Sequence[bytes]
+    ) -> None:
+        pass
+
+    def mark_dead(self, engine: int) -> None:
+        self.alive[engine] = False
+
+
+class _Choice:
+    engine: int = 0
+
+
+class Replica:
+    """One engine core as the front end sees it. ``drained`` and ``core_waiting`` are
+    written by its reader thread (queue depth without locks); the rest on the event loop."""
+
+    def __init__(self, index: int, client: EngineCoreClient) -> None:
+        self.index = index
+        self.client = client
+        self.alive = True
+        self.error: str | None = None
+        self.submitted = 0
+        self.drained = 0
+        self.core_waiting = 0
+        self.last_stats = SchedulerStats()
+        self.last_step_seconds = 0.0
+        # (submission number, prompt tokens) of requests the core has not taken yet.
+        self._unseen: deque[tuple[int, int]] = deque()
+        self._unseen_tokens = 0
+
+    @property
+    def load(self) -> int:
+        """Tokens in flight: what the core last reported plus what was sent since."""
+        while self._unseen and self._unseen[0][0] <= self.drained:
+            self._unseen_tokens -= self._unseen.popleft()[1]
+        s = self.last_stats
+        return s.num_running_tokens + s.num_waiting_tokens + self._unseen_tokens
+
+    def sent(self, num_tokens: int) -> None:
+        self.submitted += 1
+        self._unseen.append((self.submitted, num_tokens))
+        self._unseen_tokens += num_tokens
+
+    def health(self) -> dict[str, Any]:
+        s = self.last_stats
+        return {
+            "engine": self.index,
+            "alive": self.alive,
+            "pid": self.client.pid,
+            "num_requests_running": s.num_running,
+            "num_requests_waiting": s.num_waiting,
+            "kv_cache_usage_perc": s.kv_cache_usage,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+def split_replica_cores(num_replicas: int) -> list[list[int] | None]:
+    """Disjoint CPU cores for each replica (an even share of this process's), or None
+    each when the cores are not known or too few to split."""
+    if num_replicas == 1 or not hasattr(os, "sched_getaffinity"):
+        return [None] * num_replicas
+    from pagellm.worker.worker import split_cores
+
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < num_replicas:
+        return [None] * num_replicas
+    return list(split_cores(available, num_replicas, None))
 
 
 def _merge_delta(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -171,6 +302,7 @@ class AsyncLLM:
         max_queued_requests: int | None = None,
         stat_loggers: list[StatLogger] | None = None,
         step_timeout: float | None = None,
+        router: ReplicaRouter | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
@@ -180,6 +312,8 @@ class AsyncLLM:
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.step_timeout = step_timeout
         self.on_dead: list[Callable[[str], None]] = []
+        self.on_replica_dead: list[Callable[[int, str], None]] = []
+        """Called with (engine index, reason) when a replica dies (the last one too)."""
         self._collectors: dict[str, RequestOutputCollector] = {}
         self._children: dict[str, list[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -187,14 +321,23 @@ class AsyncLLM:
         self._watchdog: asyncio.Task[None] | None = None
         self.stalled = False
         self._last_progress = time.monotonic()
-        # Queue depth without locks: the loop thread writes _submitted, the reader thread
-        # _drained and _core_waiting (both as the engine reported them).
-        self._submitted = 0
-        self._drained = 0
-        self._core_waiting = 0
-        self.last_stats = SchedulerStats()
-        self.last_step_seconds = 0.0
-        self.client = EngineCoreClient(config)
+        num = config.parallel.data_parallel_size
+        self.router: ReplicaRouter = router if router is not None else _LeastLoaded(num)
+        # Which replica holds each admitted request (the collectors' keys).
+        self._engine_of: dict[str, int] = {}
+        cores = split_replica_cores(num) if config.device.device == "cpu" else [None] * num
+        clients: list[EngineCoreClient] = []
+        try:
+            for i in range(num):  # all replicas load their models at once
+                clients.append(EngineCoreClient(config, engine_index=i, cores=cores[i], wait=False))
+            for c in clients:
+                c.wait_ready()
+        except BaseException:
+            for c in clients:
+                c.shutdown(2.0)
+            raise
+        self.replicas = [Replica(i, c) for i, c in enumerate(clients)]
+        self.client = clients[0]
         self.plan = self.client.plan
 
     @classmethod
@@ -208,14 +351,18 @@ class AsyncLLM:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self.client.start(self._on_message, self._on_dead)
+        for r in self.replicas:
+            r.client.start(
+                functools.partial(self._on_message, r), functools.partial(self._on_dead, r)
+            )
         if self.step_timeout:
             self._watchdog = self._loop.create_task(self._watch(self.step_timeout))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self.client.shutdown(timeout)
+        for r in self.replicas:
+            r.client.shutdown(timeout)
 
     @property
     def is_running(self) -> bool:
@@ -226,8 +373,21 @@ class AsyncLLM:
         return self._dead is not None
 
     def num_queued(self) -> int:
-        """Requests accepted but not yet scheduled: on their way or in the scheduler's queue."""
-        return (self._submitted - self._drained) + self._core_waiting
+        """Requests accepted but not yet scheduled: on their way or in a scheduler's queue."""
+        return sum(r.submitted - r.drained + r.core_waiting for r in self.replicas if r.alive)
+
+    @property
+    def last_stats(self) -> SchedulerStats:
+        """The first live replica's latest scheduler stats."""
+        return next((r.last_stats for r in self.replicas if r.alive), self.replicas[0].last_stats)
+
+    @property
+    def last_step_seconds(self) -> float:
+        return max(r.last_step_seconds for r in self.replicas)
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each replica: alive, pid, running/waiting requests, KV usage (and its error)."""
+        return [r.health() for r in self.replicas]
 
     def num_unfinished(self) -> int:
         return len(self._collectors)
@@ -258,15 +418,35 @@ class AsyncLLM:
             self.input_processor, self.output_processor, self._children,
             request_id, prompt, params, None, add_special_tokens, priority, lora_request,
         )  # fmt: skip
+        try:
+            replica = self._pick_replica(root)
+        except BaseException:
+            self.output_processor.abort_requests(self._children.pop(request_id, [request_id]))
+            raise
         collector = RequestOutputCollector(
             params.output_kind, lora_request.lora_int_id if lora_request is not None else 0
         )
         self._collectors[request_id] = collector
+        self._engine_of[request_id] = replica.index
         if not self._collectors or len(self._collectors) == 1:
             self._last_progress = time.monotonic()  # idle until now: not a stall
-        self._submitted += 1
-        self.client.send(("add", root))
+        replica.sent(root.num_tokens)
+        replica.client.send(("add", root))
         return RequestStream(self, request_id, collector)
+
+    def _pick_replica(self, request: Request) -> Replica:
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        try:
+            choice = self.router.route(
+                request.prompt_token_ids, [r.load for r in self.replicas],
+                cache_key=request.cache_key, lora_id=request.lora_id, session=session_key.get(),
+            )  # fmt: skip
+        except RuntimeError as e:
+            raise EngineDeadError(str(e)) from None
+        replica = self.replicas[choice.engine]
+        assert replica.alive, f"the router chose dead engine {choice.engine}"
+        return replica
 
     async def generate(
         self,
@@ -297,8 +477,9 @@ class AsyncLLM:
         while self.lora_in_use(lora_id) and self._dead is None:
             await asyncio.sleep(poll)
         self.input_processor.forget_lora(lora_id)
-        if self._dead is None:
-            self.client.send(("remove_lora", lora_id))
+        for r in self.replicas:
+            if r.alive:
+                r.client.send(("remove_lora", lora_id))
 
     def _abandon(self, request_id: str, state: dict[str, bool]) -> None:
         if not state["finished"] and self._loop is not None and not self._loop.is_closed():
@@ -309,50 +490,89 @@ class AsyncLLM:
         """Stop a request (all its n children); its blocks are freed before the next step."""
         ids = self._children.pop(request_id, [request_id])
         self._collectors.pop(request_id, None)
-        if self._dead is None:
-            self.client.send(("abort", ids))
+        engine = self._engine_of.pop(request_id, 0)
+        replica = self.replicas[engine]
+        if replica.alive:
+            replica.client.send(("abort", ids))
         stats = IterationStats()
         self.output_processor.abort_requests(ids, stats)
-        self._record(stats, None)
+        self._record(stats, None, engine)
 
     # ---- messages from the engine (reader thread -> event loop) ----------------------
 
-    def _on_message(self, msg: tuple[Any, ...]) -> None:
+    def _on_message(self, replica: Replica, msg: tuple[Any, ...]) -> None:
         loop = self._loop
         assert loop is not None
         if msg[0] == "step":
-            _, outputs, stats, drained, seconds = msg
-            self.last_step_seconds = seconds
+            _, outputs, stats, drained, seconds, events = msg
+            replica.last_step_seconds = seconds
         else:  # "idle"
-            _, stats, drained = msg
+            _, stats, drained, events = msg
             outputs = []
-        self._drained = drained
-        self._core_waiting = stats.num_waiting
-        loop.call_soon_threadsafe(self._handle, outputs, stats)
+        replica.drained = drained
+        replica.core_waiting = stats.num_waiting
+        loop.call_soon_threadsafe(self._handle, replica, outputs, stats, events)
 
-    def _on_dead(self, reason: str) -> None:
-        logger.error("%s", reason)
-        self._dead = EngineDeadError(reason)
+    def _on_dead(self, replica: Replica, reason: str) -> None:
+        if not any(r.alive for r in self.replicas if r is not replica):
+            self._dead = EngineDeadError(reason)  # the last one: refuse new requests now
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._fail_all, self._dead, reason)
+            self._loop.call_soon_threadsafe(self._replica_died, replica, reason)
+        else:
+            self._replica_died(replica, reason)
 
-    def _handle(self, core_outputs: list[EngineCoreOutput], sched: SchedulerStats) -> None:
-        self.last_stats = sched
+    def _replica_died(self, replica: Replica, reason: str) -> None:
+        if not replica.alive:
+            return
+        replica.alive = False
+        replica.error = reason
+        self.router.mark_dead(replica.index)
+        for callback in self.on_replica_dead:
+            try:
+                callback(replica.index, reason)
+            except Exception:
+                logger.exception("on_replica_dead callback failed")
+        if any(r.alive for r in self.replicas):
+            logger.error("engine %d died, the others go on serving: %s", replica.index, reason)
+            error = EngineDeadError(f"engine {replica.index} stopped: {reason}")
+            lost = [rid for rid, e in self._engine_of.items() if e == replica.index]
+            for rid in lost:
+                self._engine_of.pop(rid, None)
+                collector = self._collectors.pop(rid, None)
+                if collector is not None:
+                    collector.fail(error)
+                self.output_processor.abort_requests(self._children.pop(rid, [rid]))
+            return
+        logger.error("%s", reason)
+        self._dead = self._dead or EngineDeadError(reason)
+        self._fail_all(self._dead, reason)
+
+    def _handle(
+        self,
+        replica: Replica,
+        core_outputs: list[EngineCoreOutput],
+        sched: SchedulerStats,
+        events: tuple[list[bytes], list[bytes]],
+    ) -> None:
+        replica.last_stats = sched
+        if events[0] or events[1]:
+            self.router.record_kv_events(replica.index, *events)
         self._last_progress = time.monotonic()
         if self.stalled:
             self.stalled = False
             logger.warning("the engine is making progress again")
         stats = IterationStats()
         outputs, to_abort = self.output_processor.process_outputs(core_outputs, stats=stats)
-        if to_abort:
-            self.client.send(("abort", to_abort))
+        if to_abort and replica.alive:
+            replica.client.send(("abort", to_abort))
         for out in outputs:
             collector = self._collectors.get(out.request_id)
             if collector is not None:
                 collector.put(out)
             if out.finished:
                 self._children.pop(out.request_id, None)
-        self._record(stats, sched)
+                self._engine_of.pop(out.request_id, None)
+        self._record(stats, sched, replica.index)
 
     async def _watch(self, limit: float) -> None:
         """Mark the engine stalled (health 503) while it has work but no step has come
@@ -367,10 +587,12 @@ class AsyncLLM:
                     time.monotonic() - self._last_progress, len(self._collectors),
                 )  # fmt: skip
 
-    def _record(self, stats: IterationStats | None, sched: SchedulerStats | None) -> None:
+    def _record(
+        self, stats: IterationStats | None, sched: SchedulerStats | None, engine: int = 0
+    ) -> None:
         for stat_logger in self.stat_loggers:
             try:
-                stat_logger.record(stats, sched)
+                stat_logger.record(stats, sched, engine)
             except Exception:
                 logger.exception("stat logger failed")
 

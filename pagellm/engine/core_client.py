@@ -41,11 +41,28 @@ _STOP = ("stop",)
 
 
 def run_engine_core(
-    config: EngineConfig, commands: Connection, outputs: Connection, log_level: int
+    config: EngineConfig,
+    commands: Connection,
+    outputs: Connection,
+    log_level: int,
+    engine_index: int = 0,
+    cores: list[int] | None = None,
 ) -> None:
-    """The engine process's main function (spawned: a fresh interpreter)."""
+    """The engine process's main function (spawned: a fresh interpreter). ``cores``: the
+    CPU cores of this replica (data parallel), bound before torch starts its threads."""
     die_with_parent()
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tag = f" engine{engine_index}" if config.parallel.data_parallel_size > 1 else ""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s"
+    )
+    if cores:
+        from pagellm.worker.worker import pin_to_cores
+
+        pin_to_cores(cores)
+        if config.device.num_threads is None and config.parallel.world_size == 1:
+            import torch
+
+            torch.set_num_threads(len(cores))
     from pagellm.engine.llm_engine import EngineCore
 
     try:
@@ -81,11 +98,12 @@ def run_engine_core(
                         break
                     batch = commands.recv()
             if not core.has_unfinished_requests():
-                outputs.send(("idle", core.stats(), drained))
+                outputs.send(("idle", core.stats(), drained, core.take_kv_events()))
                 continue
             start = time.perf_counter()
             result = core.step()
-            outputs.send(("step", result, core.stats(), drained, time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            outputs.send(("step", result, core.stats(), drained, seconds, core.take_kv_events()))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the API process is gone (or asked us to stop)
     except BaseException:
@@ -98,7 +116,18 @@ def run_engine_core(
 class EngineCoreClient:
     """Starts the engine process and moves messages to and from it on two threads."""
 
-    def __init__(self, config: EngineConfig, startup_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        startup_timeout: float = 600.0,
+        engine_index: int = 0,
+        cores: list[int] | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Start the engine process; ``wait``: block until it is ready (else call
+        ``wait_ready``, so that several replicas load their models at once)."""
+        self.engine_index = engine_index
+        self._startup_timeout = startup_timeout
         ctx = multiprocessing.get_context("spawn")
         self._cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._out_recv, self._out_send = ctx.Pipe(duplex=False)
@@ -109,8 +138,10 @@ class EngineCoreClient:
                 self._cmd_recv,
                 self._out_send,
                 logging.getLogger("pagellm").getEffectiveLevel(),
+                engine_index,
+                cores,
             ),
-            name="pagellm-engine-core",
+            name=f"pagellm-engine-core-{engine_index}",
             # A daemon process may not start children: with worker processes the core is
             # an ordinary one (it still ends with the API process: die_with_parent, and
             # its command pipe closing).
@@ -121,6 +152,16 @@ class EngineCoreClient:
         # The child holds these ends; keeping them open here would hide its death.
         self._cmd_recv.close()
         self._out_send.close()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self.plan: Any = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the engine process has loaded its model (ValueError: it could not)."""
+        startup_timeout = self._startup_timeout
         if not self._out_recv.poll(startup_timeout):
             self.process.kill()
             raise RuntimeError(f"the engine process did not start in {startup_timeout:.0f} s")
@@ -135,9 +176,6 @@ class EngineCoreClient:
             self.process.join(5)
             raise ValueError(payload[0])
         self.plan = payload[0]
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
 
     @property
     def pid(self) -> int | None:

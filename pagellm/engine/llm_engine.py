@@ -168,6 +168,8 @@ class EngineCore:
         return SchedulerStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
+            num_running_tokens=sum(r.num_tokens for r in s.running),
+            num_waiting_tokens=sum(r.num_tokens for r in s.waiting),
             kv_cache_usage=s.kv_cache_usage,
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
@@ -178,6 +180,11 @@ class EngineCore:
             spec_num_draft_tokens=s.spec_num_draft_tokens,
             spec_num_accepted_tokens=s.spec_num_accepted_tokens,
         )
+
+    def take_kv_events(self) -> tuple[list[bytes], list[bytes]]:
+        """Block hashes cached and evicted since the last call (empty unless
+        ``cache.kv_events``): the data-parallel router's view of this replica's cache."""
+        return self.scheduler.kv.pool.take_events()
 
     def step(self) -> list[EngineCoreOutput]:
         start = time.perf_counter()

@@ -28,6 +28,12 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.engine_args = EngineArgs(model=model, **kwargs)
+        if self.engine_args.data_parallel_size != 1:
+            raise ValueError(
+                f"data_parallel_size={self.engine_args.data_parallel_size}: the offline LLM "
+                "runs one engine; for replicas use `pagellm serve -dp N`, `pagellm run-batch "
+                "-dp N` or pagellm.integrations.ray_data (one engine per Ray actor)"
+            )
         self.engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()
 

@@ -1,5 +1,13 @@
 """Prometheus exporter: every metric is named ``pagellm:*`` and lives in its own registry
-(so two engines in one process, as in tests, never collide)."""
+(so two engines in one process, as in tests, never collide).
+
+Every series carries ``model_name`` and ``engine`` (the data-parallel replica, "0" with
+one), as vLLM's do. The gauges a router or dashboard built for vLLM reads (llm-d's
+scorers, vLLM's Grafana board) are exported under vLLM's names too:
+``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries``/``hits`` and
+``vllm:lora_requests_info``. ``pagellm:engine_alive`` is 1 per live replica, 0 once dead.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +31,11 @@ _TOKEN_LATENCY_BUCKETS = (
 
 
 class PrometheusStatLogger:
-    def __init__(self, model_name: str, max_loras: int = 0) -> None:
+    def __init__(self, model_name: str, max_loras: int = 0, num_engines: int = 1) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         r = self.registry
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
@@ -98,6 +106,28 @@ class PrometheusStatLogger:
         self.kv_usage = Gauge(
             "pagellm:kv_cache_usage_perc", "Share of KV blocks in use (0..1).", labels, registry=r
         )
+        self.alive = Gauge(
+            "pagellm:engine_alive", "1 while the engine replica serves, 0 once it died.",
+            labels, registry=r,
+        )  # fmt: skip
+        # The same figures under vLLM's names (routers and dashboards written for vLLM).
+        self.vllm_running = Gauge(
+            "vllm:num_requests_running", "Requests in the running batch.", labels, registry=r
+        )
+        self.vllm_waiting = Gauge(
+            "vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r
+        )
+        self.vllm_kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "Share of KV blocks in use (0..1).", labels, registry=r
+        )
+        self.vllm_prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            labels, registry=r,
+        )  # fmt: skip
+        self.vllm_prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+            labels, registry=r,
+        )  # fmt: skip
         # Speculative decoding (vLLM's spec_decode_* counters), and the two figures people
         # read off them: acceptance rate and mean accepted length (since start-up).
         self.spec_drafts = Counter(
@@ -126,73 +156,104 @@ class PrometheusStatLogger:
         # vLLM's lora_requests_info: one series whose labels name the running and waiting
         # adapters (value: when it was last set); only with LoRA enabled.
         self.max_loras = max_loras
-        self.lora_info = (
-            Gauge(
-                "pagellm:lora_requests_info",
-                "LoRA adapters of the running and waiting requests (labels); value: last update time.",
-                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-                registry=r,
-            )
+        lora_labels = ["engine", "max_lora", "running_lora_adapters", "waiting_lora_adapters"]
+        self.lora_infos = (
+            [
+                Gauge(
+                    f"{prefix}:lora_requests_info",
+                    "LoRA adapters of the running and waiting requests (labels); value: "
+                    "last update time.",
+                    lora_labels,
+                    registry=r,
+                )
+                for prefix in ("pagellm", "vllm")
+            ]
             if max_loras
-            else None
+            else []
         )
-        self._last_cumulative = SchedulerStats()
-        for reason in ("stop", "length", "abort"):
-            self.request_success.labels(model_name, reason)
+        self._last_cumulative: dict[str, SchedulerStats] = {}
+        self._lora_series: dict[str, tuple[str, ...]] = {}
+        for e in map(str, range(num_engines)):
+            for reason in ("stop", "length", "abort"):
+                self.request_success.labels(model_name, e, reason)
+            self.alive.labels(model_name, e).set(1)
+            for gauge in (self.running, self.waiting, self.kv_usage, self.vllm_running,
+                          self.vllm_waiting, self.vllm_kv_usage):  # fmt: skip
+                gauge.labels(model_name, e).set(0)
+            for counter in (self.prompt_tokens, self.generation_tokens, self.prefix_queries,
+                            self.prefix_hits, self.vllm_prefix_queries, self.vllm_prefix_hits,
+                            self.preemptions):  # fmt: skip
+                counter.labels(model_name, e)
 
-    def record(self, iteration: IterationStats | None, scheduler: SchedulerStats | None) -> None:
-        m = self.model_name
+    def engine_died(self, engine: int) -> None:
+        self.alive.labels(self.model_name, str(engine)).set(0)
+
+    def record(
+        self, iteration: IterationStats | None, scheduler: SchedulerStats | None, engine: int = 0
+    ) -> None:
+        m, e = self.model_name, str(engine)
         if iteration is not None:
-            self.prompt_tokens.labels(m).inc(iteration.num_prompt_tokens)
-            self.generation_tokens.labels(m).inc(iteration.num_generation_tokens)
+            self.prompt_tokens.labels(m, e).inc(iteration.num_prompt_tokens)
+            self.generation_tokens.labels(m, e).inc(iteration.num_generation_tokens)
             for v in iteration.time_to_first_tokens:
-                self.ttft.labels(m).observe(v)
+                self.ttft.labels(m, e).observe(v)
             for v in iteration.inter_token_latencies:
-                self.itl.labels(m).observe(v)
+                self.itl.labels(m, e).observe(v)
             for f in iteration.finished:
-                self.request_success.labels(m, f.finish_reason).inc()
-                self.e2e.labels(m).observe(f.e2e_latency)
-                self.queue.labels(m).observe(f.queue_time)
-                self.prefill.labels(m).observe(f.prefill_time)
-                self.decode.labels(m).observe(f.decode_time)
+                self.request_success.labels(m, e, f.finish_reason).inc()
+                self.e2e.labels(m, e).observe(f.e2e_latency)
+                self.queue.labels(m, e).observe(f.queue_time)
+                self.prefill.labels(m, e).observe(f.prefill_time)
+                self.decode.labels(m, e).observe(f.decode_time)
                 tpot = f.mean_time_per_output_token
                 if tpot is not None:
-                    self.tpot.labels(m).observe(tpot)
+                    self.tpot.labels(m, e).observe(tpot)
         if scheduler is not None:
-            self.running.labels(m).set(scheduler.num_running)
-            self.waiting.labels(m).set(scheduler.num_waiting)
-            self.kv_usage.labels(m).set(scheduler.kv_cache_usage)
-            last = self._last_cumulative
-            self.prefix_queries.labels(m).inc(
-                max(scheduler.prefix_cache_queries - last.prefix_cache_queries, 0)
+            for running, waiting, usage in (
+                (self.running, self.waiting, self.kv_usage),
+                (self.vllm_running, self.vllm_waiting, self.vllm_kv_usage),
+            ):
+                running.labels(m, e).set(scheduler.num_running)
+                waiting.labels(m, e).set(scheduler.num_waiting)
+                usage.labels(m, e).set(scheduler.kv_cache_usage)
+            last = self._last_cumulative.get(e, SchedulerStats())
+            queries = max(scheduler.prefix_cache_queries - last.prefix_cache_queries, 0)
+            hits = max(scheduler.prefix_cache_hits - last.prefix_cache_hits, 0)
+            for q, h in ((self.prefix_queries, self.prefix_hits),
+                         (self.vllm_prefix_queries, self.vllm_prefix_hits)):  # fmt: skip
+                q.labels(m, e).inc(queries)
+                h.labels(m, e).inc(hits)
+            self.preemptions.labels(m, e).inc(
+                max(scheduler.num_preemptions - last.num_preemptions, 0)
             )
-            self.prefix_hits.labels(m).inc(
-                max(scheduler.prefix_cache_hits - last.prefix_cache_hits, 0)
-            )
-            self.preemptions.labels(m).inc(max(scheduler.num_preemptions - last.num_preemptions, 0))
             if scheduler.spec_num_drafts:
-                self.spec_drafts.labels(m).inc(
+                self.spec_drafts.labels(m, e).inc(
                     max(scheduler.spec_num_drafts - last.spec_num_drafts, 0)
                 )
-                self.spec_draft_tokens.labels(m).inc(
+                self.spec_draft_tokens.labels(m, e).inc(
                     max(scheduler.spec_num_draft_tokens - last.spec_num_draft_tokens, 0)
                 )
-                self.spec_accepted_tokens.labels(m).inc(
+                self.spec_accepted_tokens.labels(m, e).inc(
                     max(scheduler.spec_num_accepted_tokens - last.spec_num_accepted_tokens, 0)
                 )
-                self.spec_acceptance.labels(m).set(
+                self.spec_acceptance.labels(m, e).set(
                     scheduler.spec_num_accepted_tokens / scheduler.spec_num_draft_tokens
                 )
-                self.spec_mean_length.labels(m).set(
+                self.spec_mean_length.labels(m, e).set(
                     1 + scheduler.spec_num_accepted_tokens / scheduler.spec_num_drafts
                 )
-            if self.lora_info is not None:
-                self.lora_info.clear()
-                self.lora_info.labels(
-                    str(self.max_loras), ",".join(scheduler.running_loras),
+            if self.lora_infos:
+                labels = (
+                    e, str(self.max_loras), ",".join(scheduler.running_loras),
                     ",".join(scheduler.waiting_loras),
-                ).set_to_current_time()  # fmt: skip
-            self._last_cumulative = scheduler
+                )  # fmt: skip
+                previous = self._lora_series.get(e)
+                for info in self.lora_infos:  # one series per engine: drop its last one
+                    if previous is not None and previous != labels:
+                        info.remove(*previous)
+                    info.labels(*labels).set_to_current_time()
+                self._lora_series[e] = labels
+            self._last_cumulative[e] = scheduler
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -207,7 +268,9 @@ class LoggingStatLogger:
         self._prompt = 0
         self._gen = 0
 
-    def record(self, iteration: IterationStats | None, scheduler: SchedulerStats | None) -> None:
+    def record(
+        self, iteration: IterationStats | None, scheduler: SchedulerStats | None, engine: int = 0
+    ) -> None:
         if iteration is not None:
             self._prompt += iteration.num_prompt_tokens
             self._gen += iteration.num_generation_tokens

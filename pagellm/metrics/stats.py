@@ -41,6 +41,10 @@ class IterationStats:
 class SchedulerStats:
     num_running: int = 0
     num_waiting: int = 0
+    num_running_tokens: int = 0
+    """Tokens (prompt + output so far) of the running requests: a replica's load."""
+    num_waiting_tokens: int = 0
+    """Tokens of the waiting (and preempted) requests."""
     kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0
     """Cumulative prompt tokens looked up in the prefix cache."""

@@ -481,7 +481,7 @@ def test_metrics_count_what_was_served(server: RemoteServer, client: openai.Open
         "pagellm:request_prefill_time_seconds_count",
     ):
         assert delta(name) == 3
-    assert ("pagellm:num_requests_waiting", (("model_name", MODEL),)) in after
+    assert ("pagellm:num_requests_waiting", (("engine", "0"), ("model_name", MODEL))) in after
 
 
 def test_queue_limit_auth_off_and_graceful_shutdown() -> None:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError
+from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, session_key
 from pagellm.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
 from pagellm.entrypoints.anthropic.serving_messages import AnthropicServingMessages
 from pagellm.entrypoints.openai.protocol import (
@@ -58,6 +58,7 @@ from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletio
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
+from pagellm.entrypoints.router import router_for, session_of
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -130,8 +131,11 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         getattr(args, "reasoning_parser", None),
     )
     lora_config = engine.config.lora
-    prometheus = PrometheusStatLogger(names[0], lora_config.max_loras if lora_config else 0)
+    prometheus = PrometheusStatLogger(
+        names[0], lora_config.max_loras if lora_config else 0, len(engine.replicas)
+    )
     engine.stat_loggers.append(prometheus)
+    engine.on_replica_dead.append(lambda index, reason: prometheus.engine_died(index))
     if getattr(args, "log_stats", False):
         engine.stat_loggers.append(LoggingStatLogger())
     api_key = args.api_key or os.environ.get("PAGELLM_API_KEY") or None
@@ -224,7 +228,10 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_json(APIError(500, "Internal server error.", "server_error"), request)
 
-    async def respond(request: Request, work: Awaitable[Any]) -> Response:
+    async def respond(request: Request, work: Awaitable[Any], body: Any = None) -> Response:
+        # The routing session (data-parallel replicas): the engine reads it at admission,
+        # inside the task that run_cancellable starts (which copies this context).
+        session_key.set(session_of(request.headers, body))
         result = await run_cancellable(request, work)
         if isinstance(result, Response):
             return result
@@ -236,15 +243,15 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await respond(request, completion.create(body))
+        return await respond(request, completion.create(body), body)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        return await respond(request, embedding.create(body))
+        return await respond(request, embedding.create(body), body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await respond(request, chat.create(body))
+        return await respond(request, chat.create(body), body)
 
     # The agent protocols, translated to and from chat (their errors on /v1/messages
     # take Anthropic's shape: see error_json).
@@ -253,7 +260,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
-        return await respond(request, responses.create(body))
+        return await respond(request, responses.create(body), body)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:
@@ -266,7 +273,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/messages")
     async def create_message(body: MessagesRequest, request: Request) -> Response:
-        return await respond(request, messages.create(body))
+        return await respond(request, messages.create(body), body)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest) -> dict[str, int]:
@@ -333,6 +340,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
             raise RequestValidationError(e.errors()) from None
         fields = dict(body.model_extra or {})
         _, lora = completion.resolve_model(body.model)
+        session_key.set(session_of(request.headers, None))
         tokenized = completion.tokenize_prompt(body.prompt, True)
         fields.setdefault("max_tokens", completion.resolve_max_tokens(len(tokenized[1]), None))
         priority = fields.pop("priority", 0)
@@ -367,6 +375,14 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     async def health() -> Response:
         if engine.errored:
             return error_json(APIError.engine_dead())
+        if len(engine.replicas) > 1:
+            # Data parallel: 200 while any replica serves; the body names each one's state
+            # ("degraded" once one has died: it is out of rotation, the others serve).
+            engines = engine.health()
+            ok = all(e["alive"] for e in engines)
+            status = 503 if engine.stalled else 200
+            body = {"status": "ok" if ok and status == 200 else "degraded", "engines": engines}
+            return JSONResponse(body, status_code=status)
         if engine.stalled:
             return error_json(
                 APIError(
@@ -400,8 +416,12 @@ async def serve(args: argparse.Namespace) -> int:
     if args.lora_modules:
         engine_args.enable_lora = True  # naming adapters is asking for LoRA
     lora_modules = parse_lora_modules(args.lora_modules)  # a malformed entry fails before start-up
-    engine = AsyncLLM.from_engine_args(
-        engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
+    engine_config = engine_args.create_engine_config()
+    engine = AsyncLLM(
+        engine_config,
+        max_queued_requests=args.max_queued_requests,
+        step_timeout=args.step_timeout,
+        router=router_for(engine_config),
     )
     try:
         app = build_app(engine, args)
@@ -441,7 +461,7 @@ async def serve(args: argparse.Namespace) -> int:
     engine.on_dead.append(on_engine_dead)
     logger.info(
         "serving %s on http://%s:%d (engine process %s)", engine.config.model.served_model_name,
-        args.host, args.port, engine.client.pid,
+        args.host, args.port, ", ".join(str(r.client.pid) for r in engine.replicas),
     )  # fmt: skip
     try:
         await server.serve()

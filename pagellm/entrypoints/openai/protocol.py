@@ -58,6 +58,9 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    prompt_cache_key: str | None = None
+    """OpenAI's cache-routing hint: with data-parallel replicas, requests with one key go
+    to the same replica (as ``user`` and the X-Session-ID header do)."""
     # Extras (vLLM names).
     top_k: int | None = None
     min_p: float | None = None
