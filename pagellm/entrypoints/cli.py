@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(handler=_generate)
 
-    from pagellm.entrypoints.openai import api_server
+    from pagellm.entrypoints.openai import api_server, run_batch
 
     api_server.add_parser(sub)
+    run_batch.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from pagellm.benchmarks import (
