@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         # from one level to the next (the workload's own sharing stays intact).
         args.seed = base_seed + 1000 * level
         requests = build_requests(args, tokenizer)
-        spec_before = _spec_counters(args)
+        counters_before = _server_counters(args)
         results, duration = asyncio.run(run_once(args, requests, concurrency, tokenizer))
         wave = 0
         while args.duration and duration < args.duration:  # a soak: new prompts per wave
@@ -314,12 +314,7 @@ def run(args: argparse.Namespace) -> int:
             results += more
             duration += took
         m = compute_metrics(results, duration, slos)
-        spec_after = _spec_counters(args)
-        if spec_before is not None and spec_after is not None:
-            drafts, tokens, accepted = (a - b for a, b in zip(spec_after, spec_before))
-            if tokens > 0:
-                m["spec_acceptance_rate"] = accepted / tokens
-                m["spec_mean_accepted_length"] = 1 + accepted / max(drafts, 1)
+        m.update(_counter_metrics(counters_before, _server_counters(args)))
         m.update(
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
             base_url=args.base_url,
@@ -347,9 +342,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] for r in runs) else 1
 
 
-def _spec_counters(args: argparse.Namespace) -> tuple[float, float, float] | None:
-    """The server's speculative-decoding counters (drafts, draft tokens, accepted tokens)
-    from its Prometheus /metrics (pagellm's or vLLM's names); None when it has none."""
+_COUNTERS = (
+    "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+    "spec_decode_num_accepted_tokens_total", "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+)  # fmt: skip
+
+
+def _server_counters(args: argparse.Namespace) -> dict[str, float]:
+    """The server's speculative-decoding and prefix-cache counters from its Prometheus
+    /metrics, summed over engines (data-parallel replicas); pagellm's names, else vLLM's
+    (pagellm exports both for the prefix cache: counted once). Empty when unreadable."""
     import urllib.request
 
     req = urllib.request.Request(args.base_url + "/metrics")
@@ -359,21 +362,32 @@ def _spec_counters(args: argparse.Namespace) -> tuple[float, float, float] | Non
         with urllib.request.urlopen(req, timeout=10) as resp:
             text = resp.read().decode()
     except (OSError, ValueError):
-        return None
-    found: dict[str, float] = {}
+        return {}
+    found: dict[str, dict[str, float]] = {"pagellm": {}, "vllm": {}}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        base = name.split("{")[0].split(":")[-1]
-        if base in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
-                    "spec_decode_num_accepted_tokens_total"):  # fmt: skip
-            found[base] = found.get(base, 0.0) + float(value.split()[0])
-    if len(found) < 3:
-        return None
-    return (
-        found["spec_decode_num_drafts_total"],
-        found["spec_decode_num_draft_tokens_total"],
-        found["spec_decode_num_accepted_tokens_total"],
-    )
+        prefix, _, base = name.split("{")[0].rpartition(":")
+        if base in _COUNTERS and prefix in found:
+            found[prefix][base] = found[prefix].get(base, 0.0) + float(value.split()[0])
+    return {k: found["pagellm"].get(k, found["vllm"].get(k, 0.0)) for k in _COUNTERS
+            if k in found["pagellm"] or k in found["vllm"]}  # fmt: skip
+
+
+def _counter_metrics(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the run did to the server's counters: speculative acceptance, prefix hits."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    out: dict[str, float] = {}
+    tokens = d.get("spec_decode_num_draft_tokens_total", 0.0)
+    if tokens > 0:
+        accepted = d.get("spec_decode_num_accepted_tokens_total", 0.0)
+        out["spec_acceptance_rate"] = accepted / tokens
+        out["spec_mean_accepted_length"] = 1 + accepted / max(
+            d.get("spec_decode_num_drafts_total", 0.0), 1
+        )
+    queries = d.get("prefix_cache_queries_total", 0.0)
+    if queries > 0:
+        out["prefix_cache_hit_rate"] = d.get("prefix_cache_hits_total", 0.0) / queries
+    return out
 
 
 def _first_model(args: argparse.Namespace) -> str:
@@ -422,6 +436,8 @@ def _print_run(m: dict[str, Any], results: list[RequestResult]) -> None:
     if "spec_acceptance_rate" in m:
         rows.append(("Speculation: acceptance rate", f"{m['spec_acceptance_rate']:.3f}"))
         rows.append(("Speculation: mean accepted length", f"{m['spec_mean_accepted_length']:.2f}"))
+    if "prefix_cache_hit_rate" in m:
+        rows.append(("Prefix cache hit rate (server)", f"{m['prefix_cache_hit_rate']:.3f}"))
     print_table("Benchmark summary", rows)
     print_grid(
         "Percentiles",
