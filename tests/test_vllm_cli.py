@@ -389,3 +389,11 @@ def test_vllm_module_entry_point_help() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "--tensor-parallel-size" in proc.stdout and "--lora-modules" in proc.stdout
+
+
+def test_data_parallel_over_ray_needs_a_cluster(monkeypatch: Any) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match="needs a running Ray cluster"):
+        EngineArgs(data_parallel_size=2, distributed_executor_backend="ray")._check()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    EngineArgs(data_parallel_size=2, distributed_executor_backend="ray")._check()

@@ -301,6 +301,17 @@ class EngineArgs:
                 "per rank) is not supported; use mp (local worker processes) or ray"
             )
         world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if (
+            self.data_parallel_size > 1
+            and self.distributed_executor_backend == "ray"
+            and not os.environ.get("RAY_ADDRESS")
+        ):
+            # Each replica's engine core joins Ray on its own: without a cluster to join,
+            # every one would start a private local Ray.
+            raise ValueError(
+                "data_parallel_size > 1 with the ray executor needs a running Ray cluster "
+                "to share: start one (`ray start --head`) and set RAY_ADDRESS=HOST:6379"
+            )
         if self.distributed_executor_backend == "uni" and world > 1:
             raise ValueError(
                 f"distributed_executor_backend uni runs one worker; tensor_parallel_size x "
