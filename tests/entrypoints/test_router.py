@@ -142,7 +142,8 @@ def test_session_key_sources() -> None:
     assert session_of({}, Body()) == "pck"
 
     class Anthropic:
-        metadata = {"user_id": "a1"}
+        def __init__(self) -> None:
+            self.metadata = {"user_id": "a1"}
 
     assert session_of({}, Anthropic()) == "a1"
     assert session_of({}, None) is None
