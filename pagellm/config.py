@@ -93,6 +93,12 @@ class CacheConfig:
     """Reuse KV blocks of identical prompt prefixes across requests."""
     kv_cache_dtype: str = "float32"
     """How K and V are stored: float32, bfloat16, float16, fp8_e4m3 or int8 (resolved)."""
+    kv_offload_bytes: int = 0
+    """Bytes of the second KV tier (swap space and prefix-cache offload: evicted blocks go
+    there, hits load them back); 0: none."""
+    kv_offload_dir: str | None = None
+    """Keep the second tier in a file in this directory (survives a restart); None: in
+    host memory."""
     kv_events: bool = False
     """Report the block hashes cached and evicted each step (vLLM's KV events), for the
     data-parallel router; on when data_parallel_size > 1."""
@@ -194,6 +200,9 @@ class SchedulerConfig:
     """Copy of ModelConfig.max_model_len (the scheduler imports nothing from models)."""
     policy: str = "fcfs"
     """fcfs (arrival order) or priority (lowest ``priority`` value first, then arrival)."""
+    preemption_mode: str = "recompute"
+    """swap: a preempted request's blocks may move to the second KV tier and come back
+    when it resumes; recompute: they are recomputed (resolved: swap when a tier exists)."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 BlockHash = bytes
@@ -53,6 +53,9 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+    offload: bool = True
+    """Whether evicting it copies it to the second KV tier (if there is one); off for the
+    blocks of a request preempted in recompute mode."""
 
     def __repr__(self) -> str:
         tag = self.block_hash.hex()[:8] if self.block_hash else "-"
@@ -75,6 +78,9 @@ class BlockPool:
         # Hashes cached and dropped since the last take_events() (None: not recorded).
         self._stored: list[BlockHash] | None = [] if record_events else None
         self._removed: list[BlockHash] = []
+        # Called with a cached block about to be reused, before its hash is dropped (the
+        # KV manager copies it to the second tier from there).
+        self.on_evict: Callable[[KVBlock, BlockHash], None] | None = None
 
     # ---- queries -------------------------------------------------------------------
 
@@ -106,6 +112,7 @@ class BlockPool:
             _, block = self._free.popitem(last=False)
             self._evict(block)
             block.ref_cnt = 1
+            block.offload = True
             out.append(block)
         return out
 
@@ -148,6 +155,8 @@ class BlockPool:
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             self.num_cache_evictions += 1
+            if self.on_evict is not None and block.offload:
+                self.on_evict(block, block.block_hash)
             self._drop_hash(block)
 
     def _drop_hash(self, block: KVBlock) -> None:

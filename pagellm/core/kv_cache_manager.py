@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagellm.core.block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
+from pagellm.core.kv_tier import KVTier
 from pagellm.core.request import Request
 from pagellm.utils import cdiv
 
@@ -48,7 +49,10 @@ class PrefixCacheStats:
 
     queries: int = 0
     hits: int = 0
+    """Tokens found cached: in the main pool or in the second tier."""
     requests: int = 0
+    tier_hits: int = 0
+    """Of the hits, tokens loaded back from the second tier."""
 
 
 class KVCacheManager:
@@ -59,9 +63,19 @@ class KVCacheManager:
         enable_caching: bool = True,
         group_windows: Sequence[int | None] = (None,),
         record_events: bool = False,
+        num_tier_slots: int = 0,
+        write_through: bool = False,
     ) -> None:
+        """``num_tier_slots``: blocks of the second KV tier (core/kv_tier.py; 0: none);
+        ``write_through``: every block cached is copied there too, one step later (a
+        persistent tier, so that a restart finds what the pool held)."""
         if not group_windows:
             raise ValueError("at least one KV cache group is needed")
+        if num_tier_slots and len(group_windows) > 1:
+            raise ValueError(
+                "the second KV tier (kv_offload_size, swap_space) is not supported for "
+                "models that mix attention kinds (several KV cache groups)"
+            )
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.windows = tuple(group_windows)
@@ -79,6 +93,20 @@ class KVCacheManager:
         # copy-on-write replacements.
         self.last_replaced: list[tuple[int, int, int]] = []
         self.prefix_stats = PrefixCacheStats()
+        # The second tier: evicted cached blocks are copied there (pending_offloads:
+        # block id, slot, hash) and hits on it loaded back (pending_loads: slot, block id);
+        # the workers run both before the step's forward pass.
+        self.tier = KVTier(num_tier_slots) if num_tier_slots else None
+        self.pending_offloads: list[tuple[int, int, BlockHash]] = []
+        self.pending_loads: list[tuple[int, int]] = []
+        self._tier_hits: dict[str, list[BlockHash]] = {}
+        if self.tier is not None:
+            self.pool.on_evict = self._offload
+        self.write_through = write_through and self.tier is not None
+        # Blocks cached by the schedule() before the last one (computed by now), and by
+        # the last one (computed in the step it scheduled): written through a step late.
+        self._cached_prev: list[tuple[KVBlock, BlockHash]] = []
+        self._cached_now: list[tuple[KVBlock, BlockHash]] = []
 
     @property
     def num_groups(self) -> int:
@@ -154,10 +182,47 @@ class KVCacheManager:
         for g in range(self.num_groups):
             first = self._first_visible_block(g, n * self.block_size)
             hits.append([SLID_OUT] * first + [b for b in found[g][first:n] if b is not None])
+        # The blocks after the main pool's run that the second tier holds: allocate_slots
+        # gives them fresh blocks and loads them (one group only: see __init__).
+        tier_hits: list[BlockHash] = []
+        if self.tier is not None:
+            for h in hashes[n:]:
+                if h not in self.tier:
+                    break
+                tier_hits.append(h)
+            self._tier_hits[request.req_id] = tier_hits
+        num_hit = (n + len(tier_hits)) * self.block_size
         self.prefix_stats.requests += 1
         self.prefix_stats.queries += request.num_tokens
-        self.prefix_stats.hits += n * self.block_size
-        return hits, n * self.block_size
+        self.prefix_stats.hits += num_hit
+        return hits, num_hit
+
+    def num_tier_hit_blocks(self, request: Request) -> int:
+        """Blocks the last get_computed_blocks found in the second tier for the request."""
+        return len(self._tier_hits.get(request.req_id, ()))
+
+    def _offload(self, block: KVBlock, block_hash: BlockHash) -> None:
+        assert self.tier is not None
+        slot = self.tier.store(block_hash)
+        if slot is not None:
+            self.pending_offloads.append((block.block_id, slot, block_hash))
+
+    def take_tier_ops(self) -> tuple[list[tuple[int, int, BlockHash]], list[tuple[int, int]]]:
+        """(offloads, loads) for the workers to run before this step's forward pass;
+        the slots being loaded stay pinned until the next call."""
+        if self.tier is not None:
+            self.tier.unpin_all()
+            self.prefix_stats.tier_hits = self.tier.num_loaded * self.block_size
+        if self.write_through:
+            for block, block_hash in self._cached_prev:
+                # Still cached under that hash: its contents are the computed ones (a
+                # block evicted since was offloaded by its eviction, or is gone).
+                if block.block_hash == block_hash and block_hash not in self.tier:  # type: ignore[operator]
+                    self._offload(block, block_hash)
+            self._cached_prev, self._cached_now = self._cached_now, []
+        out = self.pending_offloads, self.pending_loads
+        self.pending_offloads, self.pending_loads = [], []
+        return out
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_caching:
@@ -168,7 +233,10 @@ class KVCacheManager:
         for g, blocks in enumerate(self.req_to_blocks[request.req_id]):
             for i in range(done, full):
                 if blocks[i] is not SLID_OUT and blocks[i].block_hash is None:
-                    self.pool.cache_block(blocks[i], self._key(g, request.block_hashes[i]))
+                    key = self._key(g, request.block_hashes[i])
+                    self.pool.cache_block(blocks[i], key)
+                    if self.write_through and blocks[i].block_hash == key:
+                        self._cached_now.append((blocks[i], key))
         self.num_cached_blocks[request.req_id] = max(done, full)
 
     # ---- allocate / free -----------------------------------------------------------
@@ -196,8 +264,13 @@ class KVCacheManager:
         bs = self.block_size
         hits = new_computed_blocks or self._empty()
         num_hits = len(hits[0])
+        # Hits in the second tier (a waiting request's lookup): counted as computed, their
+        # blocks allocated fresh below and loaded before the forward pass.
+        tier_hits = (
+            self._tier_hits.pop(request.req_id, []) if new_computed_blocks is not None else []
+        )
         groups = self.req_to_blocks.get(request.req_id) or self._empty()
-        num_computed = request.num_computed_tokens + num_hits * bs
+        num_computed = request.num_computed_tokens + (num_hits + len(tier_hits)) * bs
         num_total = num_computed + num_new_tokens
         num_held = num_total + num_lookahead
         # Shared blocks we are about to write into need a private copy first.
@@ -212,6 +285,9 @@ class KVCacheManager:
         reusable_hits = sum(1 for h in hits for b in held_blocks(h) if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - reusable_hits:
             return None
+        assert self.tier is not None or not tier_hits
+        # Pinned before any allocation below can evict into the tier.
+        tier_slots = [self.tier.take(h) for h in tier_hits] if self.tier is not None else []
         if num_hits:
             slid = self.num_slid_out.setdefault(request.req_id, [0] * self.num_groups)
         self.req_to_blocks[request.req_id] = groups
@@ -239,6 +315,7 @@ class KVCacheManager:
             fresh = self.pool.allocate(num_new_blocks)
             blocks.extend(fresh)
             fresh_ids = [b.block_id for b in fresh]
+            self.pending_loads.extend(zip(tier_slots, fresh_ids))
             ids.extend(fresh_ids)
             appended.append(fresh_ids)
         self._cache_full_blocks(request, min(num_total, request.num_tokens))
@@ -260,8 +337,16 @@ class KVCacheManager:
             self.pool.free(reversed(dropped))
         return keep
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, offload: bool = True) -> None:
+        """Drop the request's blocks. ``offload=False`` (preemption in recompute mode):
+        those only it holds are not copied to the second tier when evicted."""
         groups = self.req_to_blocks.pop(request.req_id, [])
+        self._tier_hits.pop(request.req_id, None)
+        if not offload:
+            for blocks in groups:
+                for b in held_blocks(blocks):
+                    if b.ref_cnt == 1:
+                        b.offload = False
         self.num_cached_blocks.pop(request.req_id, None)
         self.num_slid_out.pop(request.req_id, None)
         # Last position first across every group, so that eviction takes a prompt's tail

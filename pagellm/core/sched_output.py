@@ -62,6 +62,11 @@ class SchedulerOutput:
     """Requests that ended or were preempted since the last step: the worker drops them."""
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) KV block copies to run before the forward pass (copy-on-write)."""
+    kv_offloads: list[tuple[int, int, bytes]] = field(default_factory=list)
+    """(block id, tier slot, block hash): evicted blocks to copy into the second KV tier
+    before anything else (core/kv_tier.py)."""
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)
+    """(tier slot, block id): blocks to load back from it, after the offloads."""
     structured_req_ids: list[str] = field(default_factory=list)
     """Constrained requests that sample this step, in the order of structured_bitmask's rows."""
     structured_bitmask: np.ndarray | None = None

@@ -63,6 +63,7 @@ class Scheduler:
         max_loras: int = 0,
         speculative: SpeculativeConfig | None = None,
         kv_group_windows: Sequence[int | None] = (None,),
+        num_tier_slots: int = 0,
     ) -> None:
         """``kv_group_windows``: each KV cache group's sliding window (None: full
         attention), as the worker's memory plan laid the groups out."""
@@ -77,8 +78,13 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.kv = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
-            kv_group_windows, cache_config.kv_events,
+            kv_group_windows, cache_config.kv_events, num_tier_slots,
+            cache_config.kv_offload_dir is not None,
         )  # fmt: skip
+        # A preempted request's blocks: "swap" lets the pool evict them into the second
+        # tier (and its resume load them back); "recompute" keeps them out of it.
+        self.swap_on_preempt = scheduler_config.preemption_mode == "swap"
+        self.num_swapped_in = 0  # preempted requests resumed from the second tier
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -253,7 +259,7 @@ class Scheduler:
     # ---- scheduling -------------------------------------------------------------------
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self.kv.free(request, offload=self.swap_on_preempt)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.spec_token_ids = []
@@ -346,8 +352,11 @@ class Scheduler:
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.compute_target - num_hit_tokens, budget)
             lookahead = self._draft_lookahead(request, num_new, spec_on, num_hit_tokens)
+            from_tier = self.kv.num_tier_hit_blocks(request)
             if self.kv.allocate_slots(request, num_new, hits, lookahead) is None:
                 break
+            if from_tier and request.status == RequestStatus.PREEMPTED:
+                self.num_swapped_in += 1
             self.waiting.popleft()
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
@@ -373,7 +382,10 @@ class Scheduler:
         for req_id, n in num_scheduled.items():
             self.requests[req_id].num_computed_tokens += n
 
+        offloads, loads = self.kv.take_tier_ops()
         out = SchedulerOutput(
+            kv_offloads=offloads,
+            kv_loads=loads,
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,

@@ -97,6 +97,25 @@ class PrometheusStatLogger:
             labels,
             registry=r,
         )
+        # The second KV tier (swap on preemption, prefix-cache offload).
+        self.swapped_in = Counter(
+            "pagellm:num_requests_swapped_in",
+            "Preempted requests resumed from the second KV tier instead of recomputed.",
+            labels, registry=r,
+        )  # fmt: skip
+        self.tier_bytes_out = Counter(
+            "pagellm:kv_tier_bytes_out", "KV bytes copied into the second tier (evictions).",
+            labels, registry=r,
+        )  # fmt: skip
+        self.tier_bytes_in = Counter(
+            "pagellm:kv_tier_bytes_in", "KV bytes loaded back from the second tier.",
+            labels, registry=r,
+        )  # fmt: skip
+        self.tier_hits = Counter(
+            "pagellm:prefix_cache_tier_hits",
+            "Prompt tokens of prefix-cache hits loaded from the second KV tier.",
+            labels, registry=r,
+        )  # fmt: skip
         self.running = Gauge(
             "pagellm:num_requests_running", "Requests in the running batch.", labels, registry=r
         )
@@ -226,6 +245,17 @@ class PrometheusStatLogger:
             self.preemptions.labels(m, e).inc(
                 max(scheduler.num_preemptions - last.num_preemptions, 0)
             )
+            per_block = scheduler.kv_tier_bytes_per_block
+            for counter, now, before in (
+                (self.swapped_in, scheduler.num_swapped_in, last.num_swapped_in),
+                (self.tier_bytes_out, scheduler.kv_tier_blocks_out * per_block,
+                 last.kv_tier_blocks_out * per_block),
+                (self.tier_bytes_in, scheduler.kv_tier_blocks_in * per_block,
+                 last.kv_tier_blocks_in * per_block),
+                (self.tier_hits, scheduler.prefix_cache_tier_hits, last.prefix_cache_tier_hits),
+            ):  # fmt: skip
+                if now > before:
+                    counter.labels(m, e).inc(now - before)
             if scheduler.spec_num_drafts:
                 self.spec_drafts.labels(m, e).inc(
                     max(scheduler.spec_num_drafts - last.spec_num_drafts, 0)

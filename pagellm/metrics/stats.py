@@ -52,6 +52,16 @@ class SchedulerStats:
     """Cumulative prompt tokens found there."""
     num_preemptions: int = 0
     """Cumulative preemptions."""
+    num_swapped_in: int = 0
+    """Cumulative preempted requests that resumed from the second KV tier."""
+    kv_tier_blocks_out: int = 0
+    """Cumulative blocks copied into the second KV tier (evicted from the main pool)."""
+    kv_tier_blocks_in: int = 0
+    """Cumulative blocks loaded back from it."""
+    kv_tier_bytes_per_block: int = 0
+    """Bytes of one block (every layer's K and V), to turn the block counts into bytes."""
+    prefix_cache_tier_hits: int = 0
+    """Cumulative prompt tokens of the prefix-cache hits that came from the second tier."""
     running_loras: tuple[str, ...] = ()
     """LoRA adapters of the running requests (names, sorted)."""
     waiting_loras: tuple[str, ...] = ()

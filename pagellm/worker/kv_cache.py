@@ -58,6 +58,10 @@ class KVCachePlan:
     spec_slots: int = 0
     """Slots past a request's tokens that speculative decoding may hold (the proposals
     being verified and a draft's lookahead)."""
+    num_tier_slots: int = 0
+    """Blocks the second KV tier holds (kv_offload_bytes / bytes per block; 0: none)."""
+    tier_dir: str | None = None
+    """Where the second tier's file lives (None: host memory)."""
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +112,14 @@ class KVCachePlan:
                 ""
                 if layout.windows == (None,)
                 else f"; {layout.describe()}, blocks behind a window are freed"
+            )
+            + (
+                f"; second tier {self.num_tier_slots} blocks = "
+                f"{self.num_tier_slots * self.block_size} tokens "
+                f"({format_bytes(self.num_tier_slots * self.block_size * self.kv_bytes_per_token)}, "
+                f"{'file in ' + self.tier_dir if self.tier_dir else 'host memory'})"
+                if self.num_tier_slots
+                else ""
             )
         )
 
@@ -166,7 +178,14 @@ def plan_kv_cache(
         layout=layout,
         max_chunk=max_chunk,
         spec_slots=spec_slots,
+        num_tier_slots=int(cache_config.kv_offload_bytes // per_block),
+        tier_dir=cache_config.kv_offload_dir,
     )
+    if cache_config.kv_offload_bytes and not plan.num_tier_slots:
+        raise ValueError(
+            f"the second KV tier of {format_bytes(cache_config.kv_offload_bytes)} holds no "
+            f"block of {format_bytes(per_block)}: raise kv_offload_size (or swap_space)"
+        )
     if plan.num_blocks < plan.blocks_per_request(decoding=False):
         need = plan.blocks_per_request(decoding=False) * per_block
         raise ValueError(
@@ -222,3 +241,163 @@ def allocate_kv_cache(
             )
         )
     return caches
+
+
+_TIER_MAGIC = b"PGKV"
+_TIER_FILE_HEADER = 4096  # bytes: magic, then the JSON description the file was made for
+_TIER_SLOT_HEADER = 64  # bytes per slot: magic, crc32 of the slot's data, block hash
+
+
+class KVTierStore:
+    """The second KV tier's tensors (the bookkeeping is core/kv_tier.py's): one row of
+    bytes per slot holding every local layer's K and V of one block (and int8 scales),
+    so a slot is one contiguous copy.
+
+        row:  [64-byte header | layer 0 K | layer 0 V | layer 1 K | ... ]
+        header: b"PGKV" | crc32(rest of the row) | 32-byte block hash | zeros
+
+    In host memory, or in a file (``directory``) that survives a restart: the file starts
+    with a JSON description (model, dtypes, shapes); a file made for anything else is
+    replaced, a file of the wrong length (torn) is replaced, and a slot whose crc does
+    not match its data is never loaded. Headers are written after the data, so a crash
+    mid-copy leaves a slot that fails its crc. Each data-parallel replica or tensor-parallel
+    rank takes its own file (an exclusive lock picks a free one).
+    """
+
+    def __init__(
+        self,
+        caches: list[LayerKVCache],
+        num_slots: int,
+        directory: str | None = None,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        import numpy as np
+
+        self.parts: list[tuple[torch.Tensor, int, int]] = []  # (cache bytes, offset, size)
+        self.row_bytes = 0
+        self.bind(caches)
+        offset = self.row_bytes
+        self.num_slots = num_slots
+        self.path: str | None = None
+        self._file: Any = None
+        self._mmap: Any = None
+        if directory is None:
+            self.rows = torch.empty(num_slots, offset, dtype=torch.uint8)
+            return
+        import fcntl
+        import json
+        import os
+
+        os.makedirs(directory, exist_ok=True)
+        meta = json.dumps(
+            {**(description or {}), "row_bytes": offset, "num_slots": num_slots,
+             "parts": [list(t.shape[1:]) for t, _, _ in self.parts]},
+            sort_keys=True,
+        ).encode()  # fmt: skip
+        if len(meta) + 8 > _TIER_FILE_HEADER:
+            raise ValueError("the KV tier's description does not fit its file header")
+        header = _TIER_MAGIC + len(meta).to_bytes(4, "little") + meta
+        size = _TIER_FILE_HEADER + num_slots * offset
+        rank = (description or {}).get("rank", 0)
+        for k in range(64):
+            path = os.path.join(directory, f"kv-tier-rank{rank}-{k}.bin")
+            # Read-write, created if missing (not "a+": appends ignore seek).
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                continue
+            break
+        else:
+            raise ValueError(f"every KV tier file in {directory} is in use")
+        self.path, self._file = path, f
+        f.seek(0)
+        current = f.read(_TIER_FILE_HEADER)
+        existing = os.path.getsize(path)
+        if current[: len(header)] != header or existing != size:
+            if existing:
+                logger.warning(
+                    "KV tier file %s was made for another model or layout, or is torn "
+                    "(%d bytes, expected %d): starting it afresh", path, existing, size,
+                )  # fmt: skip
+            f.truncate(0)
+            f.truncate(size)
+            f.seek(0)
+            f.write(header)
+            f.flush()
+        self._mmap = np.memmap(path, dtype=np.uint8, mode="r+", offset=_TIER_FILE_HEADER,
+                               shape=(num_slots, offset))  # fmt: skip
+        self.rows = torch.from_numpy(self._mmap)
+
+    def bind(self, caches: list[LayerKVCache]) -> None:
+        """Point at the main pool's tensors (again, after they were re-allocated: sleep
+        mode); the slots keep their contents."""
+        parts = []
+        offset = _TIER_SLOT_HEADER
+        for cache in caches:
+            for t in cache.tensors():
+                if t.numel() == 0:
+                    continue
+                raw = t.view(torch.uint8)  # bytes: any KV dtype (fp8 too) copies alike
+                size = raw[0].numel()
+                parts.append((raw, offset, size))
+                offset += size
+        if self.row_bytes and offset != self.row_bytes:
+            raise ValueError("the KV cache was re-allocated with another layout")
+        self.parts, self.row_bytes = parts, offset
+
+    def save(self, ops: list[tuple[int, int, bytes]]) -> None:
+        """Copy main-pool blocks into slots: (block id, slot, block hash), in order."""
+        last: dict[int, tuple[int, bytes]] = {}
+        for block, slot, block_hash in ops:  # two offloads to one slot: the later wins
+            last[slot] = (block, block_hash)
+        slots = torch.tensor(list(last), dtype=torch.long)
+        blocks = torch.tensor([b for b, _ in last.values()], dtype=torch.long)
+        n = len(last)
+        for t, off, size in self.parts:
+            self.rows[slots, off : off + size] = t[blocks].reshape(n, -1)
+        if self._mmap is not None:
+            import zlib
+
+            rows = self._mmap
+            for slot, (_, block_hash) in last.items():
+                crc = zlib.crc32(rows[slot, _TIER_SLOT_HEADER:])
+                head = _TIER_MAGIC + crc.to_bytes(4, "little") + block_hash
+                rows[slot, : len(head)] = list(head)
+
+    def load(self, ops: list[tuple[int, int]]) -> None:
+        """Copy slots back into main-pool blocks: (slot, block id)."""
+        slots = torch.tensor([s for s, _ in ops], dtype=torch.long)
+        blocks = torch.tensor([b for _, b in ops], dtype=torch.long)
+        n = len(ops)
+        for t, off, size in self.parts:
+            t[blocks] = self.rows[slots, off : off + size].reshape(n, *t.shape[1:])
+
+    def entries(self) -> list[tuple[int, bytes]]:
+        """(slot, block hash) of every intact slot of a file tier (none in memory)."""
+        if self._mmap is None:
+            return []
+        import zlib
+
+        out, torn = [], 0
+        rows = self._mmap
+        for slot in range(self.num_slots):
+            head = bytes(rows[slot, :40])
+            if head[:4] != _TIER_MAGIC:
+                continue
+            if zlib.crc32(rows[slot, _TIER_SLOT_HEADER:]) != int.from_bytes(head[4:8], "little"):
+                torn += 1
+                rows[slot, :4] = 0  # never offered again
+                continue
+            out.append((slot, head[8:40]))
+        if torn:
+            logger.warning("KV tier file %s: %d damaged blocks dropped", self.path, torn)
+        return out
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
