@@ -297,11 +297,13 @@ def test_server_reports_acceptance_and_takes_the_per_request_switch() -> None:
         # bench serve reads the same counters (pagellm's names or vLLM's).
         from argparse import Namespace
 
-        from pagellm.benchmarks.serve import _spec_counters
+        from pagellm.benchmarks.serve import _server_counters
 
-        counters = _spec_counters(Namespace(base_url=srv.url().rstrip("/"), api_key=None))
-        assert counters is not None
-        assert counters[1] == m["pagellm:spec_decode_num_draft_tokens_total"]
+        counters = _server_counters(Namespace(base_url=srv.url().rstrip("/"), api_key=None))
+        assert (
+            counters["spec_decode_num_draft_tokens_total"]
+            == m["pagellm:spec_decode_num_draft_tokens_total"]
+        )
         r = http.post("/v1/completions", json={"model": plain.model, "prompt": "hi",
                                                "num_speculative_tokens": -1})  # fmt: skip
         assert r.status_code == 400 and "num_speculative_tokens" in r.json()["error"]["message"]

@@ -323,8 +323,6 @@ def warned(caplog: Any) -> Any:
 @pytest.mark.parametrize(
     ("line", "device", "text"),
     [("--gpu-memory-utilization 0.5", "cpu", "gpu_memory_utilization=0.5 has no effect on CPU"),
-     ("--swap-space 4", "cpu", "swap_space=4 GiB has no effect"),
-     ("--swap-space 4", "cuda", "no CPU swap tier (issue 26)"),
      ("--trust-remote-code", "cpu", "trust_remote_code has no effect")],
 )  # fmt: skip
 def test_warn_once(
@@ -338,7 +336,7 @@ def test_warn_once(
 
 
 def test_silent_when_acting(parser: argparse.ArgumentParser, warned: Any) -> None:
-    e = parse(parser, "serve m --gpu-memory-utilization 0.5 --swap-space 0 --enforce-eager "
+    e = parse(parser, "serve m --gpu-memory-utilization 0.5 --swap-space 4 --enforce-eager "
               "--distributed-executor-backend uni --cpu-offload-gb 0")  # fmt: skip
     e._check_for_device("cuda")  # the GPU reads --gpu-memory-utilization
     parse(parser, "serve m")._check_for_device("cpu")

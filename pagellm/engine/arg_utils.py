@@ -194,8 +194,19 @@ class EngineArgs:
     """Accepted for vLLM compatibility: pagellm runs only its own model classes, so no
     checkpoint code is ever executed (warned when set)."""
     swap_space: float | None = None
-    """vLLM's CPU swap space (GiB): pagellm preempts by recomputation and keeps no swap
-    tier (issue 26), so any value is warned about and has no effect."""
+    """vLLM's CPU swap space (GiB): host memory for the blocks of preempted requests. In
+    pagellm it sizes the second KV tier together with kv_offload_size (one tier: a block
+    evicted from the main pool goes there, whether a preempted request or a cached
+    prefix left it)."""
+    kv_offload_size: float = 0
+    """GiB of the second KV tier for prefix-cache blocks evicted from the main pool (added
+    to swap_space); hits on it are loaded back instead of prefilled."""
+    kv_offload_dir: str | None = None
+    """Keep the second tier in a file in this directory (it survives a restart; keyed by
+    model, dtypes and block hashes); None: host memory."""
+    preemption_mode: str | None = None
+    """swap (a preempted request's blocks may move to the second tier and come back) or
+    recompute; None: swap when there is a second tier, else recompute."""
     cpu_offload_gb: float = 0
     """vLLM's weight offload to host memory (GiB): 0; on CPU the weights already live in
     host memory; on GPU more than 0 is refused (issue 26)."""
@@ -258,8 +269,26 @@ class EngineArgs:
                 f"load_format {self.load_format!r} is not supported; pagellm uses auto: the "
                 "format follows the path (a safetensors directory or a .gguf file)"
             )
-        if self.cpu_offload_gb < 0 or (self.swap_space is not None and self.swap_space < 0):
-            raise ValueError("cpu_offload_gb and swap_space must be non-negative")
+        if (
+            self.cpu_offload_gb < 0
+            or (self.swap_space is not None and self.swap_space < 0)
+            or self.kv_offload_size < 0
+        ):
+            raise ValueError("cpu_offload_gb, swap_space and kv_offload_size must be non-negative")
+        if self.preemption_mode not in (None, "swap", "recompute"):
+            raise ValueError(
+                f"preemption_mode must be swap or recompute, got {self.preemption_mode!r}"
+            )
+        if self.preemption_mode == "swap" and not self._tier_bytes:
+            raise ValueError(
+                "preemption_mode=swap needs a second KV tier to swap to: set swap_space "
+                "(or kv_offload_size) in GiB"
+            )
+        if self.kv_offload_dir is not None and not self._tier_bytes:
+            raise ValueError(
+                "kv_offload_dir names where the second KV tier lives: also set its size "
+                "(kv_offload_size or swap_space, GiB)"
+            )
         if self.distributed_executor_backend not in (None, "mp", "ray", "uni", "external_launcher"):
             raise ValueError(
                 "distributed_executor_backend must be mp, ray, uni or external_launcher, got "
@@ -326,6 +355,11 @@ class EngineArgs:
                 f"cpus_per_worker must be a positive integer, got {self.cpus_per_worker!r}"
             )
 
+    @property
+    def _tier_bytes(self) -> int:
+        """Bytes of the second KV tier: swap_space + kv_offload_size (GiB)."""
+        return int(((self.swap_space or 0) + (self.kv_offload_size or 0)) * (1 << 30))
+
     def _check_for_device(self, device: str) -> None:
         """Options whose effect depends on the device: refuse or warn once, never ignore."""
         if self.cpu_offload_gb > 0 and device != "cpu":
@@ -333,12 +367,6 @@ class EngineArgs:
                 f"cpu_offload_gb={self.cpu_offload_gb:g} is not supported yet (issue 26 adds "
                 "memory tiers); to fit a smaller GPU use --quantization int8/int4 (or an "
                 "awq/gptq/gguf checkpoint) and --kv-cache-memory / --max-model-len"
-            )
-        if self.swap_space:
-            _warn_once(
-                "swap_space=%g GiB has no effect: pagellm preempts by recomputation and keeps "
-                "no CPU swap tier (issue 26)",
-                self.swap_space,
             )
         if self.gpu_memory_utilization is not None and device == "cpu":
             _warn_once(
@@ -465,12 +493,16 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 kv_cache_dtype=dtype if kv_dtype == "auto" else kv_dtype,
                 kv_events=self.data_parallel_size > 1,
+                kv_offload_bytes=self._tier_bytes,
+                kv_offload_dir=self.kv_offload_dir,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=budget,
                 max_model_len=max_model_len,
                 policy=self.scheduling_policy,
+                preemption_mode=self.preemption_mode
+                or ("swap" if self._tier_bytes else "recompute"),
             ),
             device=DeviceConfig(
                 device=device,
@@ -710,7 +742,16 @@ class EngineArgs:
         add("--trust-remote-code", action="store_true",
             help="no effect: pagellm runs only its own model classes (warned)")  # fmt: skip
         add("--swap-space", type=float, default=None,
-            help="GiB; no effect: preemption recomputes, no swap tier yet (issue 26; warned)")  # fmt: skip
+            help="GiB of host memory for preempted requests' KV blocks (the second KV tier, "
+            "with --kv-offload-size)")  # fmt: skip
+        add("--kv-offload-size", type=float, default=0,
+            help="GiB of the second KV tier: blocks evicted from the KV cache move there and "
+            "prefix hits on them are loaded back instead of prefilled")  # fmt: skip
+        add("--kv-offload-dir", default=None,
+            help="keep the second KV tier in a file in this directory (survives a restart)")  # fmt: skip
+        add("--preemption-mode", default=None, choices=("swap", "recompute"),
+            help="swap: a preempted request's blocks may move to the second tier and come "
+            "back; recompute: prefill again (default: swap with a tier, else recompute)")  # fmt: skip
         add("--cpu-offload-gb", type=float, default=0,
             help="0; on CPU the weights are in host memory already; >0 on GPU: refused (issue 26)")  # fmt: skip
         add("--enforce-eager", action="store_true",

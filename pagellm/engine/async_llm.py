@@ -22,6 +22,11 @@ pagellm.entrypoints.router) picks each request's replica from the replicas' load
 the KV events they report; every later command for the request (abort) goes to that
 replica. A replica that dies fails only its own streams and leaves the rotation; the
 engine is dead (``on_dead``) when the last one goes.
+
+Sleep mode (vLLM's): ``sleep(level)`` stops admitting (EngineSleepingError, the server's
+503), lets the requests in flight finish, then sends ("sleep", level) to every live
+replica and waits for each one's ("sleep_done", report, error); ``wake_up(tags)`` does the
+same with ("wake_up", tags). Requests are admitted again once no replica is asleep.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from pagellm.lora.request import LoRARequest
 from pagellm.metrics.stats import IterationStats, SchedulerStats
 from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
+from pagellm.worker.sleep import check_sleep_level, check_wake_tags
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,19 @@ class QueueFullError(RuntimeError):
             f"the server is busy: {queued} requests are already waiting (limit {limit}); retry later"
         )
         self.retry_after = 1
+
+
+class EngineSleepingError(RuntimeError):
+    """The engine is asleep (or going to sleep, or waking up): retry after wake_up."""
+
+    def __init__(self) -> None:
+        super().__init__("the engine is sleeping (POST /wake_up wakes it); retry later")
+        self.retry_after = 5
+
+
+class SleepModeError(RuntimeError):
+    """A sleep or wake_up that an engine could not do (its reason); the engine lives on,
+    asleep or awake as ``AsyncLLM.is_sleeping`` says."""
 
 
 class StatLogger(Protocol):
@@ -153,6 +172,10 @@ class Replica:
         # (submission number, prompt tokens) of requests the core has not taken yet.
         self._unseen: deque[tuple[int, int]] = deque()
         self._unseen_tokens = 0
+        self.sleeping = False
+        """Asleep by the core's last sleep/wake report (weights or KV cache freed)."""
+        # Sleep/wake commands sent and not yet answered, oldest first (answers come in order).
+        self.pending_control: deque[asyncio.Future[tuple[dict[str, Any], str | None]]] = deque()
 
     @property
     def load(self) -> int:
@@ -176,6 +199,7 @@ class Replica:
             "num_requests_running": s.num_running,
             "num_requests_waiting": s.num_waiting,
             "kv_cache_usage_perc": s.kv_cache_usage,
+            "sleeping": self.sleeping,
             **({"error": self.error} if self.error else {}),
         }
 
@@ -321,6 +345,8 @@ class AsyncLLM:
         self._watchdog: asyncio.Task[None] | None = None
         self.stalled = False
         self._last_progress = time.monotonic()
+        self._sleep_lock = asyncio.Lock()  # one sleep or wake_up at a time
+        self._going_to_sleep = False
         num = config.parallel.data_parallel_size
         self.router: ReplicaRouter = router if router is not None else _LeastLoaded(num)
         # Which replica holds each admitted request (the collectors' keys).
@@ -392,6 +418,12 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._collectors)
 
+    @property
+    def is_sleeping(self) -> bool:
+        """Going to sleep, asleep, or not yet awake on every live replica: requests are
+        refused with EngineSleepingError."""
+        return self._going_to_sleep or any(r.sleeping for r in self.replicas if r.alive)
+
     # ---- requests -------------------------------------------------------------------
 
     def add_request(
@@ -407,6 +439,8 @@ class AsyncLLM:
         are raised here, before any response starts) and return its output stream."""
         if self._dead is not None:
             raise EngineDeadError("the engine has stopped after an error") from self._dead
+        if self.is_sleeping:
+            raise EngineSleepingError()
         if self._loop is None:
             self.start()
         limit = self.max_queued_requests
@@ -481,6 +515,83 @@ class AsyncLLM:
             if r.alive:
                 r.client.send(("remove_lora", lora_id))
 
+    # ---- sleep mode -----------------------------------------------------------------
+
+    async def sleep(self, level: int = 1, poll: float = 0.02) -> list[dict[str, Any]]:
+        """Put every live replica to sleep: level 1 frees the KV cache (on GPU the weights
+        move to host memory), level 2 the weights too. New requests are refused from now
+        on; the requests in flight run to their end first (vLLM's ``mode=wait``). If this
+        is cancelled while they run, nothing has changed and requests are admitted again.
+        Returns each replica's report (pid, bytes freed, resident bytes before and after);
+        SleepModeError if one could not sleep."""
+        level = check_sleep_level(level)
+        if self._loop is None:
+            self.start()
+        async with self._sleep_lock:
+            self._check_alive()
+            self._going_to_sleep = True
+            try:
+                while self._engine_of and self._dead is None:
+                    await asyncio.sleep(poll)
+                self._check_alive()
+            except BaseException:
+                self._going_to_sleep = False
+                raise
+            # Once sent, the command completes even if the caller goes away.
+            return await asyncio.shield(self._control_all(("sleep", level)))
+
+    async def wake_up(self, tags: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Restore what ``tags`` names on every live replica ("weights", "kv_cache"; none:
+        both); requests are admitted again once nothing is asleep. Returns each replica's
+        report; SleepModeError if one could not wake (it stays asleep: call again)."""
+        woken = list(check_wake_tags(tags))
+        if self._loop is None:
+            self.start()
+        async with self._sleep_lock:
+            self._check_alive()
+            return await asyncio.shield(self._control_all(("wake_up", woken)))
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError("the engine has stopped after an error") from self._dead
+
+    async def _control_all(self, command: tuple[Any, ...]) -> list[dict[str, Any]]:
+        """Send a sleep/wake command to every live replica and gather their answers."""
+        loop = asyncio.get_running_loop()
+        live = [r for r in self.replicas if r.alive]
+        try:
+            futures = []
+            for r in live:
+                fut: asyncio.Future[tuple[dict[str, Any], str | None]] = loop.create_future()
+                r.pending_control.append(fut)
+                r.client.send(command)
+                futures.append(fut)
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            self._going_to_sleep = False  # the replicas' own state rules from now on
+        reports: list[dict[str, Any]] = []
+        errors: list[str] = []
+        for r, answer in zip(live, answers):
+            if isinstance(answer, BaseException):  # the replica died meanwhile
+                reports.append({"engine": r.index, "alive": False, "error": str(answer)})
+                continue
+            report, error = answer
+            r.sleeping = bool(report.get("is_sleeping"))
+            reports.append({"engine": r.index, "pid": r.client.pid, **report})
+            if error is not None:
+                errors.append(f"engine {r.index}: {error}")
+        self._check_alive()
+        if errors:
+            raise SleepModeError(f"{command[0]} failed: " + "; ".join(errors))
+        logger.info("%s: %s", command[0], "asleep" if self.is_sleeping else "awake, serving again")
+        return reports
+
+    def _control_done(self, replica: Replica, report: dict[str, Any], error: str | None) -> None:
+        if replica.pending_control:
+            fut = replica.pending_control.popleft()
+            if not fut.done():
+                fut.set_result((report, error))
+
     def _abandon(self, request_id: str, state: dict[str, bool]) -> None:
         if not state["finished"] and self._loop is not None and not self._loop.is_closed():
             state["finished"] = True
@@ -503,6 +614,9 @@ class AsyncLLM:
     def _on_message(self, replica: Replica, msg: tuple[Any, ...]) -> None:
         loop = self._loop
         assert loop is not None
+        if msg[0] in ("sleep_done", "wake_done"):
+            loop.call_soon_threadsafe(self._control_done, replica, msg[1], msg[2])
+            return
         if msg[0] == "step":
             _, outputs, stats, drained, seconds, events = msg
             replica.last_step_seconds = seconds
@@ -527,6 +641,10 @@ class AsyncLLM:
         replica.alive = False
         replica.error = reason
         self.router.mark_dead(replica.index)
+        while replica.pending_control:  # a sleep/wake it will never answer
+            fut = replica.pending_control.popleft()
+            if not fut.done():
+                fut.set_exception(EngineDeadError(f"engine {replica.index} stopped: {reason}"))
         for callback in self.on_replica_dead:
             try:
                 callback(replica.index, reason)

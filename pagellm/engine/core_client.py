@@ -4,10 +4,12 @@
     detokenize, streams)                          (scheduler + model runner + KV)
     -----------------------------------------     ----------------------------------
     EngineCoreClient.send()  -> queue              run_engine_core():
-      sender thread: batches the queue ------pipe--> drain commands (add / abort / stop)
+      sender thread: batches the queue ------pipe--> drain commands (add / abort /
+                                                     remove_lora / sleep / wake_up / stop)
                                                      step(); one message per step
-      reader thread <-------------------------pipe-- ("step", outputs, stats, ...)
-        -> on_message(...) (AsyncLLM hands it to the event loop)
+      reader thread <-------------------------pipe-- ("step", outputs, stats, ...),
+        -> on_message(...) (AsyncLLM hands        ("idle", ...), ("sleep_done" /
+           it to the event loop)                  "wake_done", report, error)
 
 The event loop never waits for a step (it only puts commands on a queue and receives
 callbacks), and a step never waits for the event loop (its outputs go into a pipe whose
@@ -30,10 +32,13 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagellm.config import EngineConfig
 from pagellm.utils import die_with_parent
+
+if TYPE_CHECKING:
+    from pagellm.engine.llm_engine import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,8 @@ def run_engine_core(
                             core.abort_requests(cmd[1])
                         elif cmd[0] == "remove_lora":
                             core.remove_lora(cmd[1])
+                        elif cmd[0] in ("sleep", "wake_up"):
+                            outputs.send(_sleep_command(core, cmd))
                         elif cmd[0] == "stop":
                             return
                     if not commands.poll():
@@ -111,6 +118,27 @@ def run_engine_core(
         raise SystemExit(1) from None
     finally:
         core.shutdown()  # its workers (mp, ray) end with it
+
+
+def _sleep_command(
+    core: EngineCore, cmd: tuple[Any, ...]
+) -> tuple[str, dict[str, Any], str | None]:
+    """Run ("sleep", level) or ("wake_up", tags) and build its reply: ("sleep_done" or
+    "wake_done", report, error or None). An error the engine survives (a bad level, a
+    checkpoint that cannot be read again) is reported, not raised; a dead worker still
+    fails the engine."""
+    from pagellm.executor import WorkerFailedError
+
+    kind = "sleep_done" if cmd[0] == "sleep" else "wake_done"
+    try:
+        report = core.sleep(cmd[1]) if cmd[0] == "sleep" else core.wake_up(cmd[1])
+    except WorkerFailedError:
+        raise
+    except Exception as e:
+        logger.error("%s failed: %s: %s", cmd[0], type(e).__name__, e)
+        report = {"asleep": sorted(core.asleep)}
+        return kind, {**report, "is_sleeping": core.is_sleeping}, f"{type(e).__name__}: {e}"
+    return kind, {**report, "is_sleeping": core.is_sleeping}, None
 
 
 class EngineCoreClient:

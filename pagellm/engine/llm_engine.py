@@ -33,6 +33,7 @@ from pagellm.outputs import RequestOutput
 from pagellm.sampling_params import SamplingParams
 from pagellm.worker.kv_cache import KVCachePlan
 from pagellm.worker.model_runner import ModelRunner
+from pagellm.worker.sleep import check_sleep_level, check_wake_tags
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,22 @@ class EngineCore:
             config.scheduler, config.cache, self.plan.num_blocks, self.structured,
             max_loras=config.lora.max_loras if config.lora is not None else 0,
             speculative=config.speculative, kv_group_windows=self.plan.layout.windows,
+            num_tier_slots=self.plan.num_tier_slots,
         )  # fmt: skip
+        tier = self.scheduler.kv.tier
+        if tier is not None and config.cache.kv_offload_dir:
+            # A persistent tier: the blocks every worker found intact in its file.
+            found = self.executor.collective_rpc("kv_tier_entries")
+            common = set.intersection(*(set(f) for f in found)) if found else set()
+            logger.info(
+                "KV tier in %s: %d blocks kept from before", config.cache.kv_offload_dir,
+                tier.restore(sorted(common)),
+            )  # fmt: skip
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self._lora_to_remove: set[int] = set()
         self.last_step: StepStats | None = None
+        self.asleep: set[str] = set()
+        """What sleep mode has freed ("weights", "kv_cache"); empty: awake."""
         # Everything built so far (the model's modules and tensors, the tokenizer) lives as
         # long as the engine: move it out of the collector's reach, so that the young
         # objects of each step do not make Python rescan the whole model (a tenth of a
@@ -101,6 +114,12 @@ class EngineCore:
         self.executor.check_health()
 
     def add_request(self, request: Request) -> None:
+        if self.asleep:
+            # The front ends refuse requests while asleep; one that slips through ends
+            # (aborted) instead of running on freed tensors.
+            logger.warning("request %s arrived while the engine sleeps: aborted", request.req_id)
+            self.scheduler.fail_request(request)
+            return
         lora = request.lora_request
         if lora is not None and self.executor.lora_enabled:
             # Read the adapter now: if its files went away after the front end checked
@@ -130,6 +149,54 @@ class EngineCore:
         for lora_id in sorted(self._lora_to_remove - in_use):
             self.executor.remove_lora(lora_id)
             self._lora_to_remove.discard(lora_id)
+
+    # ---- sleep mode -----------------------------------------------------------------
+
+    @property
+    def is_sleeping(self) -> bool:
+        return bool(self.asleep)
+
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Free the KV cache on every worker (level 1; on GPU the weights also move to
+        host memory) or the KV cache and the weights (level 2). Only when idle (the front
+        ends stop admitting and let the requests in flight finish first): RuntimeError
+        otherwise. The prefix cache is reset, since the blocks' contents are gone; the
+        scheduler keeps its blocks, so the same ids address the tensors wake_up makes."""
+        level = check_sleep_level(level)
+        if self.has_unfinished_requests():
+            s = self.scheduler
+            raise RuntimeError(
+                f"cannot sleep with requests in flight ({s.num_running} running, "
+                f"{s.num_waiting} waiting): let them finish or abort them first"
+            )
+        if not self.scheduler.kv.reset_prefix_cache():
+            raise RuntimeError("cannot sleep: KV blocks are still in use")
+        # The model was frozen out of the collector's reach at start-up (see __init__):
+        # let it go now, in case a cycle holds what the workers drop.
+        gc.unfreeze()
+        self.asleep |= {"kv_cache", "weights"}  # until the workers say what they freed
+        workers = self.executor.sleep(level)
+        self.asleep = {t for w in workers for t in w["asleep"]}
+        plan = self.plan
+        return {
+            "level": level,
+            "asleep": sorted(self.asleep),
+            "num_blocks": plan.num_blocks,  # what wake_up allocates again
+            "kv_bytes_per_token": plan.kv_bytes_per_token,
+            "workers": workers,
+        }
+
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Restore what ``tags`` names ("weights", "kv_cache"; none: both) on every
+        worker; serving resumes once nothing is asleep. A failure (the checkpoint gone)
+        raises and leaves the engine asleep: wake_up again once it is fixed."""
+        woken = check_wake_tags(tags)
+        workers = self.executor.wake_up(list(woken))
+        self.asleep = {t for w in workers for t in w["asleep"]}
+        if not self.asleep:
+            gc.collect()
+            gc.freeze()  # as at start-up
+        return {"asleep": sorted(self.asleep), "workers": workers}
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
         plain = []
@@ -168,6 +235,11 @@ class EngineCore:
         return SchedulerStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
+            kv_tier_blocks_out=tier.num_stored if (tier := s.kv.tier) else 0,
+            kv_tier_blocks_in=tier.num_loaded if tier else 0,
+            kv_tier_bytes_per_block=self.plan.kv_bytes_per_token * self.plan.block_size,
+            prefix_cache_tier_hits=prefix.tier_hits,
+            num_swapped_in=s.num_swapped_in,
             num_running_tokens=sum(r.num_tokens for r in s.running),
             num_waiting_tokens=sum(r.num_tokens for r in s.waiting),
             kv_cache_usage=s.kv_cache_usage,
@@ -190,7 +262,7 @@ class EngineCore:
         start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if sched.finished_req_ids or sched.block_copies:
+            if sched.finished_req_ids or sched.block_copies or sched.kv_offloads or sched.kv_loads:
                 self.executor.execute_model(sched)  # let the workers drop finished state
             return self.scheduler.take_failed()
         result = self.executor.execute_model(sched)
@@ -241,6 +313,8 @@ class LLMEngine:
     ) -> None:
         """Validate and queue a request (n > 1 becomes n child requests). With the
         priority scheduling policy, a lower ``priority`` is served first."""
+        if self.core.is_sleeping:
+            raise RuntimeError("the engine is sleeping: call wake_up() first")
         if req_id in self.output_processor.states or req_id in self._children:
             raise ValueError(f"request id {req_id!r} is already in use")
         root = register_request(
@@ -264,6 +338,17 @@ class LLMEngine:
         """Forget an adapter: its weights go once no request uses it."""
         self.input_processor.forget_lora(lora_id)
         self.core.remove_lora(lora_id)
+
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Free the KV cache (level 1) or the KV cache and the weights (level 2) until
+        ``wake_up``; only between requests (see EngineCore.sleep)."""
+        return self.core.sleep(level)
+
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        return self.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.core.is_sleeping
 
     def step(self) -> list[RequestOutput]:
         core_outputs = self.core.step()

@@ -66,6 +66,20 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def sleep(self, level: int = 1) -> None:
+        """Free memory between batches (vLLM's sleep mode, always on here): level 1 the
+        KV cache (on GPU the weights also move to host memory), level 2 the weights too
+        (``wake_up`` reads them from the checkpoint again). generate() raises until
+        ``wake_up``."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore what sleep freed ("weights", "kv_cache"; none: both)."""
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

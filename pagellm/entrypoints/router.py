@@ -141,6 +141,8 @@ class Router:
         self.block_size = block_size
         self.lora_miss_cost = lora_miss_cost
         self.max_loras_per_engine = max(1, max_loras_per_engine)
+        self.capacity_blocks = capacity_blocks
+        self.pending_ttl = pending_ttl
         self.indexes = [PrefixIndex(capacity_blocks, pending_ttl) for _ in range(num_engines)]
         # Adapters each replica served last (an LRU as long as its host-memory cache).
         self.loras: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(num_engines)]
@@ -158,6 +160,16 @@ class Router:
     ) -> None:
         if stored or removed:
             self.indexes[engine].apply_events(stored, removed)
+
+    def add_engine(self) -> int:
+        """Add a replica that joined (autoscaling) and return its index. Indexes are
+        never reused: a session pinned to a replica that left moves on, not to a newcomer."""
+        self.indexes.append(PrefixIndex(self.capacity_blocks, self.pending_ttl))
+        self.loras.append(OrderedDict())
+        self.alive.append(True)
+        self._last_pick.append(0)
+        self.num_engines += 1
+        return self.num_engines - 1
 
     def mark_dead(self, engine: int) -> None:
         """Take a replica out of rotation (its sessions move on their next request)."""

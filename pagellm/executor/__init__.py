@@ -20,6 +20,7 @@ in-flight request with the error, /health turns 503 and the server exits non-zer
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 from typing import Any
 
@@ -36,8 +37,10 @@ class WorkerFailedError(RuntimeError):
 
 
 # Calls whose exception leaves the workers in step (nothing collective ran): it is
-# raised as the worker's own error instead of failing the engine.
-RECOVERABLE_CALLS = frozenset({"load_lora", "remove_lora"})
+# raised as the worker's own error instead of failing the engine. A sleep or wake_up
+# that fails on some rank leaves the engine asleep; both are idempotent, so the next
+# wake_up brings every rank back to the same state.
+RECOVERABLE_CALLS = frozenset({"load_lora", "remove_lora", "sleep", "wake_up"})
 
 
 class Executor(abc.ABC):
@@ -84,6 +87,9 @@ class Executor(abc.ABC):
         (the scheduler's block ids address every worker's cache)."""
         plans: list[KVCachePlan] = self.collective_rpc("plan_kv_cache")
         fewest = min(plans, key=lambda p: p.num_blocks)
+        fewest = dataclasses.replace(
+            fewest, num_tier_slots=min(p.num_tier_slots for p in plans)
+        )  # a stage with more layers has bigger blocks: every tier holds the same slots
         plans = self.collective_rpc("allocate_kv_cache", fewest)
         return plans[self.output_rank]
 
@@ -99,6 +105,15 @@ class Executor(abc.ABC):
 
     def remove_lora(self, lora_id: int) -> None:
         self.collective_rpc("remove_lora", lora_id)
+
+    def sleep(self, level: int) -> list[dict[str, Any]]:
+        """Every worker frees its KV cache (and weights, level 2); their reports in rank
+        order (pid, resident bytes before and after, bytes freed)."""
+        return self.collective_rpc("sleep", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every worker restores what ``tags`` names (none: everything)."""
+        return self.collective_rpc("wake_up", tags)
 
     def comm_stats(self, reset: bool = False) -> list[dict[str, float]]:
         """Seconds in collectives and their count per worker (since the last reset)."""
@@ -123,3 +138,8 @@ class UniExecutor(Executor):
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self.worker, method)(*args)]
+
+    def shutdown(self) -> None:
+        tier = self.worker.runner.kv_tier
+        if tier is not None:
+            tier.close()

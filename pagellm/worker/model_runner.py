@@ -45,7 +45,7 @@ from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
 from pagellm.worker.draft_model import DraftModel
 from pagellm.worker.input_batch import InputBatch, RowState
-from pagellm.worker.kv_cache import KVCachePlan, allocate_kv_cache, plan_kv_cache
+from pagellm.worker.kv_cache import KVCachePlan, KVTierStore, allocate_kv_cache, plan_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class ModelRunner:
         )  # fmt: skip
         self.kv_caches: list[LayerKVCache] = []
         self.plan: KVCachePlan | None = None
+        self.kv_tier: KVTierStore | None = None
         self.drafter: DraftModel | None = None
         spec = config.speculative
         if spec is not None and spec.method == "draft_model":
@@ -188,7 +189,38 @@ class ModelRunner:
             self.drafter.bind_kv_cache(
                 allocate_kv_cache(self.plan, dc, kv_dtype, self.device, dc.num_hidden_layers)
             )
+        if plan.num_tier_slots and self.kv_tier is None:
+            pc = self.parallel
+            self.kv_tier = KVTierStore(
+                self._tier_caches(), plan.num_tier_slots, plan.tier_dir,
+                {"model": mc.model, "dtype": mc.dtype, "kv_cache_dtype": kv_dtype,
+                 "block_size": plan.block_size, "quantization": mc.quantization.method,
+                 "rank": pc.rank,
+                 "draft": self.drafter is not None},
+            )  # fmt: skip
         return self.plan
+
+    def _tier_caches(self) -> list[LayerKVCache]:
+        """Every KV tensor a block id addresses here: the model's slots and the draft's."""
+        caches = list(self.kv_caches)
+        if self.drafter is not None:
+            caches += [layer.kv_cache for layer in self.drafter.model.attention_layers()]  # type: ignore[operator]
+        return caches
+
+    def kv_tier_entries(self) -> list[tuple[int, bytes]]:
+        """The intact (slot, block hash) pairs of a persistent second tier."""
+        return self.kv_tier.entries() if self.kv_tier is not None else []
+
+    def run_tier_ops(self, sched: SchedulerOutput) -> None:
+        """The second tier's copies, before anything writes this step: evicted blocks out
+        first (their block may be reused below), then hits back in."""
+        if self.kv_tier is None or not (sched.kv_offloads or sched.kv_loads):
+            return
+        self.kv_tier.bind(self._tier_caches())  # cheap views; the pool may be re-allocated
+        if sched.kv_offloads:
+            self.kv_tier.save(sched.kv_offloads)
+        if sched.kv_loads:
+            self.kv_tier.load(sched.kv_loads)
 
     def _bind_kv_cache(self, caches: list[LayerKVCache]) -> None:
         """Bind each layer to its slot's cache and its KV cache group (or unbind: [])."""
@@ -372,6 +404,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         self._update_states(sched)
+        self.run_tier_ops(sched)
         self.copy_blocks(sched.block_copies)
         req_ids = list(sched.num_scheduled_tokens)
         if not req_ids:
@@ -668,3 +701,120 @@ class ModelRunner:
                 asked.append(p.logprobs)
         meta.max_num_logprobs = max(asked) if asked else None
         return meta
+
+    # ---- sleep mode ---------------------------------------------------------------------
+
+    kv_asleep: bool = False
+    """The KV tensors are freed (sleep); wake_up allocates them again from ``plan``."""
+    weights_asleep: int = 0
+    """0: the weights are in place; 1: moved to host memory (CUDA, level 1); 2: dropped."""
+
+    def asleep_tags(self) -> list[str]:
+        """What is asleep: "weights" and/or "kv_cache" (empty: awake)."""
+        return [t for t, a in (("weights", self.weights_asleep), ("kv_cache", self.kv_asleep)) if a]
+
+    def sleep(self, level: int = 1) -> dict[str, int]:
+        """Free the KV cache (both levels: its contents are lost, so the scheduler resets
+        its prefix cache) and, at level 2, drop the weights (the draft's too, and the
+        LoRA adapters in memory: wake_up reads them again). On CUDA level 1 moves the
+        weights to host memory; on CPU it keeps them where they are. Level 2 after level
+        1 drops what level 1 kept. Returns the bytes freed; ``release_memory`` then makes
+        them leave the process."""
+        from pagellm.worker.sleep import DiscardedModel, check_sleep_level, tensor_bytes
+
+        level = check_sleep_level(level)
+        freed_kv = freed_weights = 0
+        if not self.kv_asleep:
+            freed_kv = tensor_bytes(t for c in self.kv_caches for t in c.tensors())
+            self._bind_kv_cache([])
+            if self.drafter is not None:
+                layers = self.drafter.model.attention_layers()  # type: ignore[operator]
+                freed_kv += tensor_bytes(t for layer in layers for t in layer.kv_cache.tensors())
+                self.drafter.bind_kv_cache(
+                    [LayerKVCache(torch.empty(0), torch.empty(0)) for _ in layers]
+                )
+            self.kv_asleep = True
+        if level == 2 and self.weights_asleep < 2:
+            freed_weights = self.weight_bytes
+            # Everything that holds the model's modules goes with it: the LoRA slots are
+            # attributes of its Linears (a fresh manager comes back with the weights).
+            self.model = DiscardedModel()
+            self.lora_manager = None
+            self.drafter = None
+            self.weights_asleep = 2
+        elif self.device.type == "cuda" and self.weights_asleep == 0:
+            freed_weights = self.weight_bytes
+            self.model.to("cpu")  # parameters and buffers, in place: the modules stay
+            if self.drafter is not None:
+                self.drafter.model.to("cpu")
+            self.weights_asleep = 1
+        logger.info(
+            "asleep (level %d): freed %.1f MB of KV cache and %.1f MB of weights",
+            level, freed_kv / 1e6, freed_weights / 1e6,
+        )  # fmt: skip
+        return {"freed_kv_bytes": freed_kv, "freed_weight_bytes": freed_weights}
+
+    def wake_up(self, tags: list[str] | tuple[str, ...] | None = None) -> dict[str, int]:
+        """Restore what ``tags`` names ("weights", "kv_cache"; none: both): the weights
+        moved back or reloaded from the checkpoint with the same loader, the KV tensors
+        allocated again with the same plan (as many blocks: the scheduler's block ids
+        stay valid). Idempotent. Returns the bytes restored."""
+        from pagellm.worker.sleep import check_wake_tags, tensor_bytes
+
+        woken = check_wake_tags(tags)
+        restored_weights = restored_kv = 0
+        if "weights" in woken and self.weights_asleep:
+            self._wake_weights()
+            restored_weights = self.weight_bytes
+        if "kv_cache" in woken and self.kv_asleep:
+            assert self.plan is not None
+            if self.weights_asleep == 2:
+                # No layers to bind yet: the weights bind these when they come back.
+                mc = self.config.model
+                self.kv_caches = allocate_kv_cache(
+                    self.plan, mc.hf_config, self.config.cache.kv_cache_dtype, self.device,
+                    None, self.local_kv_heads, self.local_slots,
+                )  # fmt: skip
+            else:
+                self.allocate_kv_cache(self.plan)
+            self.kv_asleep = False
+            restored_kv = tensor_bytes(t for c in self.kv_caches for t in c.tensors())
+        return {"restored_kv_bytes": restored_kv, "restored_weight_bytes": restored_weights}
+
+    def _wake_weights(self) -> None:
+        if self.weights_asleep == 1:
+            self.model.to(self.device)
+            if self.drafter is not None:
+                self.drafter.model.to(self.device)
+            self.weights_asleep = 0
+            return
+        mc = self.config.model
+        try:
+            model = build_model(
+                mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device,
+                self.native_lib, mc.quantization, self.quant_lib, self.weight_dtype,
+            )  # fmt: skip
+        except Exception as e:
+            raise RuntimeError(f"cannot reload the weights from {mc.model_path}: {e}") from e
+        self.model = model
+        spec = self.config.speculative
+        if spec is not None and spec.method == "draft_model":
+            assert spec.draft is not None
+            self.drafter = DraftModel(self, spec.draft)
+        if self.config.lora is not None:
+            lc = self.config.lora
+            self.lora_manager = LoRAManager(
+                self.model, mc.hf_config, lc.max_loras, lc.max_cpu_loras, lc.max_lora_rank,
+                self.dtype, self.device,
+            )  # fmt: skip
+        self.weights_asleep = 0
+        if not self.kv_asleep:  # the KV cache woke first (wake_up(tags=["kv_cache"]))
+            assert self.plan is not None
+            self._bind_kv_cache(self.kv_caches)
+            if self.drafter is not None:
+                dc = self.drafter.hf_config
+                kv_dtype = self.config.cache.kv_cache_dtype
+                caches = allocate_kv_cache(
+                    self.plan, dc, kv_dtype, self.device, dc.num_hidden_layers
+                )
+                self.drafter.bind_kv_cache(caches)

@@ -96,6 +96,9 @@ class Worker:
     def allocate_kv_cache(self, plan: KVCachePlan) -> KVCachePlan:
         return self.runner.allocate_kv_cache(plan)
 
+    def kv_tier_entries(self) -> list[tuple[int, bytes]]:
+        return self.runner.kv_tier_entries()
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         start = time.perf_counter()
         out = self.runner.execute_model(sched)
@@ -118,4 +121,39 @@ class Worker:
         return out
 
     def shutdown(self) -> None:
+        if self.runner.kv_tier is not None:
+            self.runner.kv_tier.close()  # a file tier: flushed, its lock released
         parallel_state.destroy_parallel()
+
+    # ---- sleep mode ---------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Free this worker's KV cache (and weights: see ModelRunner.sleep) and return
+        what it freed, with this process's resident set before and after."""
+        from pagellm.worker.sleep import release_memory, rss_bytes
+
+        before = rss_bytes()
+        freed = self.runner.sleep(level)
+        release_memory(self.runner.device)
+        return self._sleep_info(before, freed)
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Restore what ``tags`` names (none: everything); see ModelRunner.wake_up."""
+        from pagellm.worker.sleep import release_memory, rss_bytes
+
+        before = rss_bytes()
+        restored = self.runner.wake_up(tags)
+        release_memory(self.runner.device)  # the loader's temporaries
+        return self._sleep_info(before, restored)
+
+    def _sleep_info(self, rss_before: int, counts: dict[str, int]) -> dict[str, Any]:
+        from pagellm.worker.sleep import rss_bytes
+
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "asleep": self.runner.asleep_tags(),
+            "rss_before": rss_before,
+            "rss_after": rss_bytes(),
+            **counts,
+        }

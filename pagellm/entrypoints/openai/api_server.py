@@ -2,7 +2,9 @@
 
 Routes: /v1/completions, /v1/chat/completions, /v1/responses (OpenAI Responses API),
 /v1/messages and /v1/messages/count_tokens (Anthropic Messages API), /v1/embeddings,
-/v1/models, /tokenize, /detokenize, /generate (legacy), /health, /version, /metrics. With
+/v1/models, /tokenize, /detokenize, /generate (legacy), /health, /version, /metrics, and
+vLLM's sleep mode: POST /sleep?level=1|2, POST /wake_up[?tags=weights|kv_cache], GET
+/is_sleeping (requests get 503 + Retry-After while asleep; /health stays 200). With
 --api-key (or PAGELLM_API_KEY) every route except /health, /version and /metrics needs
 ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 Every error is an OpenAI error body; unexpected ones are logged with their traceback
@@ -33,7 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagellm import __version__
 from pagellm.engine.arg_utils import EngineArgs
-from pagellm.engine.async_llm import AsyncLLM, EngineDeadError, QueueFullError, session_key
+from pagellm.engine.async_llm import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineSleepingError,
+    QueueFullError,
+    SleepModeError,
+    session_key,
+)
 from pagellm.entrypoints.anthropic.protocol import CountTokensRequest, MessagesRequest
 from pagellm.entrypoints.anthropic.serving_messages import AnthropicServingMessages
 from pagellm.entrypoints.openai.protocol import (
@@ -77,6 +86,16 @@ def error_json(err: APIError, request: Request | None = None) -> JSONResponse:
     anthropic = request is not None and request.url.path.startswith(ANTHROPIC_PATHS)
     body = err.anthropic_body() if anthropic else err.body()
     return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def sleeping_error(exc: EngineSleepingError) -> APIError:
+    return APIError(
+        503,
+        "The engine is sleeping (sleep mode); POST /wake_up wakes it. Retry later.",
+        "server_error",
+        code="engine_sleeping",
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 def _parse_list(value: Any, default: list[str]) -> list[str]:
@@ -218,6 +237,10 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     @app.exception_handler(EngineDeadError)
     async def on_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return error_json(APIError.engine_dead(), request)
+
+    @app.exception_handler(EngineSleepingError)
+    async def on_sleeping(request: Request, exc: EngineSleepingError) -> JSONResponse:
+        return error_json(sleeping_error(exc), request)
 
     @app.exception_handler(ValueError)
     async def on_value_error(request: Request, exc: ValueError) -> JSONResponse:
@@ -397,6 +420,45 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     @app.get("/ping")
     async def ping() -> Response:
         return await health()
+
+    # Sleep mode (vLLM's endpoints; behind the API key, unlike /health). Going to sleep
+    # stops admitting (503) and waits for the requests in flight: vLLM's mode=wait.
+    def sleep_mode_available() -> None:
+        if not hasattr(engine, "sleep"):  # an engine client without it (Ray Serve's)
+            raise APIError(
+                501, "Sleep mode is not available with this engine.", "invalid_request_error"
+            )
+
+    @app.post("/sleep")
+    async def sleep(request: Request, level: int = 1, mode: str = "wait") -> Response:
+        sleep_mode_available()
+        if mode != "wait":
+            raise APIError.bad_request(
+                f"mode={mode!r} is not supported: pagellm lets the requests in flight "
+                "finish before it sleeps (mode=wait)",
+                "mode",
+            )
+        try:
+            result = await run_cancellable(request, engine.sleep(level))
+        except SleepModeError as e:
+            raise APIError(500, str(e), "server_error", code="sleep_failed") from None
+        if isinstance(result, Response):
+            return result
+        return JSONResponse({"is_sleeping": engine.is_sleeping, "level": level, "engines": result})
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request) -> Response:
+        sleep_mode_available()
+        tags = request.query_params.getlist("tags") or None
+        try:
+            result = await engine.wake_up(tags)
+        except SleepModeError as e:
+            raise APIError(500, str(e), "server_error", code="wake_up_failed") from None
+        return JSONResponse({"is_sleeping": engine.is_sleeping, "engines": result})
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict[str, bool]:
+        return {"is_sleeping": bool(getattr(engine, "is_sleeping", False))}
 
     @app.get("/version")
     async def version() -> dict[str, str]:
