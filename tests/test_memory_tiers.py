@@ -1,5 +1,5 @@
 """The second KV tier on the real model: swap on preemption gives the same greedy tokens
-as recompute (and as no tier), a tier too small falls back to recompute, nothing leaks;
+as recompute, a tier too small falls back to recompute, nothing leaks;
 the file tier survives a restart and drops damaged blocks."""
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ def run_storm(**kw: Any) -> tuple[list[list[int]], Any]:
 
 
 def test_swap_and_recompute_give_the_same_tokens() -> None:
-    plain, s0 = run_storm()
     swapped, s1 = run_storm(swap_space=0.01)
     recomputed, s2 = run_storm(swap_space=0.01, preemption_mode="recompute")
-    assert s0.num_preemptions > 0 and s1.num_preemptions > 0
-    assert swapped == plain == recomputed
+    assert s1.num_preemptions > 0 and s2.num_preemptions > 0
+    assert swapped == recomputed
     assert s1.num_swapped_in > 0 and s1.kv_tier_blocks_in > 0  # resumed from the tier
     assert s2.num_swapped_in == 0
     # A tier of two blocks: most preempted blocks find no room, and they are recomputed.
     tiny, s3 = run_storm(swap_space=2 * 16 * 46080 / (1 << 30))
-    assert tiny == plain
+    assert tiny == recomputed
     assert s3.num_preemptions > 0 and s3.kv_tier_blocks_out > 0
 
 

@@ -73,55 +73,56 @@ def _processor(**kwargs: Any) -> ray_data.PagellmProcessor:
     )
 
 
-def test_generations_equal_llm_generate(local_ray: Any, reference: list[list[int]]) -> None:
-    ds = local_ray.data.from_items(_rows())
-    out = sorted(_processor()(ds).take_all(), key=lambda r: r["id"])
-    assert len(out) == 32
-    assert [r["id"] for r in out] == list(range(32))
-    for r, ref in zip(out, reference):
-        assert r["error"] is None, r
+BAD_ROWS: list[dict[str, Any]] = [
+    {"prompt": "The capital of France is", "sampling_params": None},
+    {"prompt": "The capital of Italy is", "sampling_params": {"temperature": -1.0}},
+    {"prompt": "The capital of Spain is", "sampling_params": {"max_tokens": 2}},
+    {"prompt": None, "sampling_params": None},  # no prompt at all
+    {"prompt": "The capital of Peru is", "sampling_params": '{"temprature": 0.5}'},
+    {"prompt": "The capital of Chile is", "sampling_params": None},
+]
+
+
+def test_generations_equal_llm_generate_and_bad_rows_get_an_error(
+    local_ray: Any, reference: list[list[int]]
+) -> None:
+    """One job (one actor, one engine start): 32 good rows equal to LLM.generate /
+    LLM.chat, then rows with bad sampling parameters or no prompt, which get an error
+    column while the rest of their batch is served."""
+    good = [{**r, "sampling_params": None} for r in _rows()]
+    bad = [{"id": 32 + i, "messages": None, **r} for i, r in enumerate(BAD_ROWS)]
+
+    def post(row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "ok": row["error"] is None}
+
+    proc = _processor(preprocess=lambda row: {"tag": f"row{row['id']}"}, postprocess=post)
+    ds = local_ray.data.from_items(good + bad)
+    out = sorted(proc(ds).take_all(), key=lambda r: r["id"])
+    assert [r["id"] for r in out] == list(range(38))
+    for r, ref in zip(out[:32], reference):
+        assert r["error"] is None and r["ok"], r
         assert list(r["generated_token_ids"]) == ref, r["id"]
         assert r["num_generated_tokens"] == len(ref)
         assert r["num_prompt_tokens"] > 0
         assert r["finish_reason"] in ("stop", "length")
         assert isinstance(r["generated_text"], str)
+        assert r["tag"] == f"row{r['id']}"  # preprocess output merged over the row
     # Real generations, not all an immediate EOS; input columns are kept.
-    assert sum(r["finish_reason"] == "length" for r in out) >= 16
+    assert sum(r["finish_reason"] == "length" for r in out[:32]) >= 16
     assert out[0]["prompt"].endswith("Tom 0:") and out[30]["messages"][0]["role"] == "user"
-
-
-def test_bad_row_gets_an_error_column(local_ray: Any) -> None:
-    rows: list[dict[str, Any]] = [
-        {"id": 0, "prompt": "The capital of France is", "sampling_params": None},
-        {"id": 1, "prompt": "The capital of Italy is", "sampling_params": {"temperature": -1.0}},
-        {"id": 2, "prompt": "The capital of Spain is", "sampling_params": {"max_tokens": 2}},
-        {"id": 3, "prompt": None, "sampling_params": None},  # no prompt at all
-        {"id": 4, "prompt": "The capital of Peru is", "sampling_params": '{"temprature": 0.5}'},
-        {"id": 5, "prompt": "The capital of Chile is", "sampling_params": None},
-    ]
-
-    def post(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "ok": row["error"] is None}
-
-    proc = _processor(
-        preprocess=lambda row: {"tag": f"row{row['id']}"},
-        postprocess=post,
-    )
-    out = sorted(proc(local_ray.data.from_items(rows)).take_all(), key=lambda r: r["id"])
-    assert [r["id"] for r in out] == list(range(6))
-    errors = {r["id"]: r["error"] for r in out}
+    errors = {r["id"] - 32: r["error"] for r in out[32:]}
     assert "temperature must be non-negative" in errors[1]
     assert "none of the columns" in errors[3]
     assert "temprature" in errors[4]
     for i in (0, 2, 5):
-        r = out[i]
+        r = out[32 + i]
         assert errors[i] is None and r["ok"], r
         assert r["num_generated_tokens"] >= 1 and r["generated_text"] is not None
-        assert r["tag"] == f"row{i}"  # preprocess output merged over the row
-    assert out[2]["num_generated_tokens"] <= 2  # its own max_tokens over the default 8
+    assert out[34]["num_generated_tokens"] <= 2  # its own max_tokens over the default 8
     for i in (1, 3, 4):
-        assert not out[i]["ok"] and list(out[i]["generated_token_ids"]) == []
-        assert out[i]["generated_text"] is None
+        r = out[32 + i]
+        assert not r["ok"] and list(r["generated_token_ids"]) == []
+        assert r["generated_text"] is None
 
 
 def test_config_checks_and_no_ray_on_import() -> None:
