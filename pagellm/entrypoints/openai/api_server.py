@@ -61,7 +61,7 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagellm.entrypoints.openai.reasoning import REASONING_PARSERS
-from pagellm.entrypoints.openai.serving_base import APIError
+from pagellm.entrypoints.openai.serving_base import APIError, validation_error
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
@@ -204,22 +204,7 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            message = f"Invalid JSON in the request body: {first.get('ctx', {}).get('error', first.get('msg'))}"
-            param = None
-        elif first.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {'.'.join(loc)}"
-            param = loc[-1] if loc else None
-        elif first.get("type") == "missing":
-            message = f"Missing required parameter: {'.'.join(loc)}"
-            param = loc[-1] if loc else None
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-            param = loc[0] if loc else None
-        return error_json(APIError.bad_request(message, param), request)
+        return error_json(validation_error(exc.errors()), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -49,7 +49,7 @@ from pagellm.entrypoints.openai.protocol import (
     EmbeddingRequest,
 )
 from pagellm.entrypoints.openai.reasoning import REASONING_PARSERS
-from pagellm.entrypoints.openai.serving_base import APIError, error_of
+from pagellm.entrypoints.openai.serving_base import APIError, error_of, validation_error
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
@@ -68,24 +68,6 @@ class Endpoint:
 
     request_model: type[BaseModel]
     create: Callable[[Any], Awaitable[Any]]
-
-
-def validation_error(e: ValidationError) -> APIError:
-    """The 400 the server answers for a body its request model refuses (the same message
-    as ``pagellm serve``'s validation handler)."""
-    errors = e.errors()
-    first: dict[str, Any] = dict(errors[0]) if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "extra_forbidden":
-        return APIError.bad_request(
-            f"Unrecognized request argument supplied: {'.'.join(loc)}", loc[-1] if loc else None
-        )
-    if first.get("type") == "missing":
-        return APIError.bad_request(
-            f"Missing required parameter: {'.'.join(loc)}", loc[-1] if loc else None
-        )
-    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-    return APIError.bad_request(message, loc[0] if loc else None)
 
 
 def error_line(err: APIError, custom_id: Any, request_id: str | None = None) -> dict[str, Any]:
@@ -164,7 +146,7 @@ class BatchRunner:
         try:
             req = endpoint.request_model.model_validate(body)
         except ValidationError as e:
-            return error_line(validation_error(e), custom_id, request_id)
+            return error_line(validation_error(e.errors()), custom_id, request_id)
         if getattr(req, "stream", False):
             err = APIError.bad_request("stream is not supported in a batch", "stream")
             return error_line(err, custom_id, request_id)

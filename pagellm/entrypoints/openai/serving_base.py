@@ -96,6 +96,26 @@ class APIError(Exception):
         )
 
 
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """The 400 for a body its pydantic request model refused (``errors()`` of the
+    ValidationError): the server's and run-batch's one wording, OpenAI's where it has one."""
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return APIError.bad_request(f"Invalid JSON in the request body: {detail}")
+    if first.get("type") == "extra_forbidden":
+        return APIError.bad_request(
+            f"Unrecognized request argument supplied: {'.'.join(loc)}", loc[-1] if loc else None
+        )
+    if first.get("type") == "missing":
+        return APIError.bad_request(
+            f"Missing required parameter: {'.'.join(loc)}", loc[-1] if loc else None
+        )
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+    return APIError.bad_request(message, loc[0] if loc else None)
+
+
 def error_of(e: BaseException) -> APIError:
     """The error to report for an exception met mid-stream (any protocol's stream);
     unexpected ones are logged, not shown."""
