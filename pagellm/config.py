@@ -237,7 +237,7 @@ class ParallelConfig:
     evenly (mp) or 1 (ray, one bundle per worker)."""
     data_parallel_size: int = 1
     """Engine cores (replicas, each with its own workers, KV cache and scheduler) behind
-    one front end; the router (pagellm.entrypoints.router) picks one per request."""
+    one front end; the router (pagellm.engine.router) picks one per request."""
 
     @property
     def world_size(self) -> int:

@@ -51,8 +51,6 @@ class PrefixCacheStats:
     hits: int = 0
     """Tokens found cached: in the main pool or in the second tier."""
     requests: int = 0
-    tier_hits: int = 0
-    """Of the hits, tokens loaded back from the second tier."""
 
 
 class KVCacheManager:
@@ -212,7 +210,6 @@ class KVCacheManager:
         the slots being loaded stay pinned until the next call."""
         if self.tier is not None:
             self.tier.unpin_all()
-            self.prefix_stats.tier_hits = self.tier.num_loaded * self.block_size
         if self.write_through:
             for block, block_hash in self._cached_prev:
                 # Still cached under that hash: its contents are the computed ones (a

@@ -179,7 +179,7 @@ class EngineArgs:
     """Pipeline stages: the layers split across ranks, hidden states passed on."""
     data_parallel_size: int = 1
     """Engine replicas behind one API server (each its own workers, KV cache and
-    scheduler; requests routed by pagellm.entrypoints.router). The offline LLM runs one."""
+    scheduler; requests routed by pagellm.engine.router). The offline LLM runs one."""
     distributed_executor_backend: str | None = None
     """uni (one worker in the engine's process), mp (local worker processes) or ray (Ray
     actors; RAY_ADDRESS names a running cluster). None: uni for one worker, else mp."""

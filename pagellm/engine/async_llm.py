@@ -18,7 +18,7 @@ with EngineDeadError and ``on_dead`` callbacks run (the server exits non-zero).
 
 Data parallel (``parallel.data_parallel_size`` N > 1): N engine processes, one
 ``EngineCoreClient`` each, behind the same input and output processors. A router (see
-pagellm.entrypoints.router) picks each request's replica from the replicas' loads and
+pagellm.engine.router) picks each request's replica from the replicas' loads and
 the KV events they report; every later command for the request (abort) goes to that
 replica. A replica that dies fails only its own streams and leaves the rotation; the
 engine is dead (``on_dead``) when the last one goes.
@@ -50,6 +50,7 @@ from pagellm.engine.core_client import EngineCoreClient
 from pagellm.engine.input_processor import InputProcessor, PromptType
 from pagellm.engine.llm_engine import register_request
 from pagellm.engine.output_processor import OutputProcessor
+from pagellm.engine.router import Router, router_for
 from pagellm.engine.tokenizer import load_tokenizer
 from pagellm.lora.request import LoRARequest
 from pagellm.metrics.stats import IterationStats, SchedulerStats
@@ -99,60 +100,6 @@ session_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 """The routing session of the request being admitted (set by the API layer from a header
 or the body's ``user``/``prompt_cache_key``): data-parallel replicas keep a session on the
 replica that served it first."""
-
-
-class RoutingChoice(Protocol):
-    engine: int
-
-
-class ReplicaRouter(Protocol):
-    """What AsyncLLM needs of a data-parallel router (pagellm.entrypoints.router.Router)."""
-
-    def route(
-        self,
-        prompt_token_ids: Sequence[int],
-        loads: Sequence[int],
-        *,
-        cache_key: object = None,
-        lora_id: int = 0,
-        session: str | None = None,
-        now: float | None = None,
-    ) -> RoutingChoice: ...
-
-    def record_kv_events(
-        self, engine: int, stored: Sequence[bytes], removed: Sequence[bytes]
-    ) -> None: ...
-
-    def mark_dead(self, engine: int) -> None: ...
-
-
-class _LeastLoaded:
-    """The router used when none is given: the replica with the fewest tokens in flight."""
-
-    def __init__(self, num_engines: int) -> None:
-        self.alive = [True] * num_engines
-
-    def route(
-        self, prompt_token_ids: Sequence[int], loads: Sequence[int], **_: Any
-    ) -> RoutingChoice:
-        live = [i for i, ok in enumerate(self.alive) if ok]
-        if not live:
-            raise RuntimeError("no engine replica is alive")
-        choice = _Choice()
-        choice.engine = min(live, key=lambda i: loads[i])
-        return choice
-
-    def record_kv_events(
-        self, engine: int, stored: Sequence[bytes], removed: Sequence[bytes]
-    ) -> None:
-        pass
-
-    def mark_dead(self, engine: int) -> None:
-        self.alive[engine] = False
-
-
-class _Choice:
-    engine: int = 0
 
 
 class Replica:
@@ -326,7 +273,7 @@ class AsyncLLM:
         max_queued_requests: int | None = None,
         stat_loggers: list[StatLogger] | None = None,
         step_timeout: float | None = None,
-        router: ReplicaRouter | None = None,
+        router: Router | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.model.tokenizer, config.model.chat_template)
@@ -348,7 +295,8 @@ class AsyncLLM:
         self._sleep_lock = asyncio.Lock()  # one sleep or wake_up at a time
         self._going_to_sleep = False
         num = config.parallel.data_parallel_size
-        self.router: ReplicaRouter = router if router is not None else _LeastLoaded(num)
+        # None with one replica (nothing to choose); a given one: tests, Ray Serve.
+        self.router = router if router is not None else router_for(config)
         # Which replica holds each admitted request (the collectors' keys).
         self._engine_of: dict[str, int] = {}
         cores = split_replica_cores(num) if config.device.device == "cpu" else [None] * num
@@ -469,7 +417,7 @@ class AsyncLLM:
         return RequestStream(self, request_id, collector)
 
     def _pick_replica(self, request: Request) -> Replica:
-        if len(self.replicas) == 1:
+        if self.router is None:
             return self.replicas[0]
         try:
             choice = self.router.route(
@@ -640,7 +588,8 @@ class AsyncLLM:
             return
         replica.alive = False
         replica.error = reason
-        self.router.mark_dead(replica.index)
+        if self.router is not None:
+            self.router.mark_dead(replica.index)
         while replica.pending_control:  # a sleep/wake it will never answer
             fut = replica.pending_control.popleft()
             if not fut.done():
@@ -673,7 +622,7 @@ class AsyncLLM:
         events: tuple[list[bytes], list[bytes]],
     ) -> None:
         replica.last_stats = sched
-        if events[0] or events[1]:
+        if self.router is not None and (events[0] or events[1]):
             self.router.record_kv_events(replica.index, *events)
         self._last_progress = time.monotonic()
         if self.stalled:

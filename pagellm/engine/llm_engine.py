@@ -232,13 +232,14 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         s = self.scheduler
         prefix = s.kv.prefix_stats
+        tier = s.kv.tier
         return SchedulerStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            kv_tier_blocks_out=tier.num_stored if (tier := s.kv.tier) else 0,
+            kv_tier_blocks_out=tier.num_stored if tier else 0,
             kv_tier_blocks_in=tier.num_loaded if tier else 0,
             kv_tier_bytes_per_block=self.plan.kv_bytes_per_token * self.plan.block_size,
-            prefix_cache_tier_hits=prefix.tier_hits,
+            prefix_cache_tier_hits=tier.num_loaded * s.block_size if tier else 0,
             num_swapped_in=s.num_swapped_in,
             num_running_tokens=sum(r.num_tokens for r in s.running),
             num_waiting_tokens=sum(r.num_tokens for r in s.waiting),

@@ -20,7 +20,7 @@ request in its engine.
 
 ``PagellmRequestRouter`` is the engine deployment's Serve request router: it reads the
 prompt's token ids, cache key, adapter and session from the ``EngineRequest`` argument and
-asks a ``pagellm.entrypoints.router.Router`` (the one ``--data-parallel-size`` uses) which
+asks a ``pagellm.engine.router.Router`` (the one ``--data-parallel-size`` uses) which
 replica to take. Engine replicas report no KV events to Serve, so the router runs in its
 routing-history mode (a prompt counts as cached on the replica it was routed to, bounded
 per replica); a replica's load is the larger of the prompt tokens this router has in flight
@@ -54,8 +54,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from pagellm.engine.router import Router
 from pagellm.entrypoints.openai.serving_base import APIError
-from pagellm.entrypoints.router import Router
 
 if TYPE_CHECKING:
     from ray.serve.deployment import Application

@@ -71,7 +71,7 @@ def test_evicted_blocks_go_to_the_tier_and_come_back() -> None:
     kv.free(again)
     kv.pool.check()
     kv.tier.check()  # type: ignore[union-attr]
-    assert kv.prefix_stats.tier_hits == 8
+    assert kv.tier.num_loaded == 2  # type: ignore[union-attr]  # its 8 tokens
 
 
 def test_a_slot_being_loaded_is_not_overwritten_in_the_same_step() -> None:

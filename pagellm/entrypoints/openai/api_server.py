@@ -61,13 +61,12 @@ from pagellm.entrypoints.openai.protocol import (
 )
 from pagellm.entrypoints.openai.protocol_responses import ResponsesRequest
 from pagellm.entrypoints.openai.reasoning import REASONING_PARSERS
-from pagellm.entrypoints.openai.serving_base import APIError, validation_error
+from pagellm.entrypoints.openai.serving_base import APIError, session_of, validation_error
 from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
-from pagellm.entrypoints.router import router_for, session_of
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
@@ -463,12 +462,8 @@ async def serve(args: argparse.Namespace) -> int:
     if args.lora_modules:
         engine_args.enable_lora = True  # naming adapters is asking for LoRA
     lora_modules = parse_lora_modules(args.lora_modules)  # a malformed entry fails before start-up
-    engine_config = engine_args.create_engine_config()
-    engine = AsyncLLM(
-        engine_config,
-        max_queued_requests=args.max_queued_requests,
-        step_timeout=args.step_timeout,
-        router=router_for(engine_config),
+    engine = AsyncLLM.from_engine_args(
+        engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
     )
     try:
         app = build_app(engine, args)

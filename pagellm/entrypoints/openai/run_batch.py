@@ -54,7 +54,6 @@ from pagellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
-from pagellm.entrypoints.router import router_for
 from pagellm.utils import random_uuid
 
 logger = logging.getLogger(__name__)
@@ -291,10 +290,8 @@ async def run_batch(args: argparse.Namespace) -> int:
     started = time.monotonic()
     engine: AsyncLLM | None = None
     try:
-        engine_config = EngineArgs.from_cli_args(args).create_engine_config()
-        # -dp N: N replicas, lines routed as the server routes requests (shared prefixes
-        # to the replica caching them).
-        engine = AsyncLLM(engine_config, router=router_for(engine_config))
+        # -dp N: N replicas, lines routed as the server routes requests.
+        engine = AsyncLLM.from_engine_args(EngineArgs.from_cli_args(args))
         engine.start()
         runner = BatchRunner(engine, args)
         ready = time.monotonic()

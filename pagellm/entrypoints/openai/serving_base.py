@@ -96,6 +96,25 @@ class APIError(Exception):
         )
 
 
+def session_of(headers: object, body: object) -> str | None:
+    """A request's routing session: the ``X-Session-ID`` header, else the body's
+    ``prompt_cache_key`` (OpenAI's routing hint), ``user``, or Anthropic's
+    ``metadata.user_id``."""
+    get = getattr(headers, "get", None)
+    value = get("x-session-id") if get is not None else None
+    if value:
+        return str(value)
+    for name in ("prompt_cache_key", "user"):
+        value = getattr(body, name, None)
+        if isinstance(value, str) and value:
+            return value
+    metadata = getattr(body, "metadata", None)
+    user_id = getattr(metadata, "user_id", None)
+    if user_id is None and isinstance(metadata, dict):
+        user_id = metadata.get("user_id")
+    return str(user_id) if user_id else None
+
+
 def validation_error(errors: Sequence[Any]) -> APIError:
     """The 400 for a body its pydantic request model refused (``errors()`` of the
     ValidationError): the server's and run-batch's one wording, OpenAI's where it has one."""

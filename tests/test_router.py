@@ -10,7 +10,8 @@ import pytest
 from pagellm.core.block_pool import BlockPool
 from pagellm.core.kv_cache_manager import KVCacheManager
 from pagellm.core.request import Request
-from pagellm.entrypoints.router import PrefixIndex, Router, prompt_block_hashes, session_of
+from pagellm.engine.router import PrefixIndex, Router, prompt_block_hashes
+from pagellm.entrypoints.openai.serving_base import session_of
 from pagellm.lora.request import LoRARequest
 from pagellm.sampling_params import SamplingParams
 

@@ -23,6 +23,10 @@ adapter). A prompt routed to a replica counts as cached there at once ("pending"
 system prompt lands together before the first prefill finishes. Without events (Ray
 Serve replicas: pagellm.integrations.ray_serve) the pending entries are the whole index:
 routing history, bounded by ``capacity`` blocks per replica, evicted least recently used.
+
+It lives in engine/ although DESIGN.md's map puts it in entrypoints/: AsyncLLM builds
+and drives it, and imports point down the layers (the API layer only supplies the
+session key, pagellm.engine.async_llm.session_key).
 """
 
 from __future__ import annotations
@@ -259,22 +263,3 @@ def router_for(config: EngineConfig) -> Router | None:
     return Router(
         num, config.cache.block_size, max_loras_per_engine=lora.max_cpu_loras if lora else 1
     )
-
-
-def session_of(headers: object, body: object) -> str | None:
-    """A request's routing session: the ``X-Session-ID`` header, else the body's
-    ``prompt_cache_key`` (OpenAI's routing hint), ``user``, or Anthropic's
-    ``metadata.user_id``."""
-    get = getattr(headers, "get", None)
-    value = get("x-session-id") if get is not None else None
-    if value:
-        return str(value)
-    for name in ("prompt_cache_key", "user"):
-        value = getattr(body, name, None)
-        if isinstance(value, str) and value:
-            return value
-    metadata = getattr(body, "metadata", None)
-    user_id = getattr(metadata, "user_id", None)
-    if user_id is None and isinstance(metadata, dict):
-        user_id = metadata.get("user_id")
-    return str(user_id) if user_id else None
