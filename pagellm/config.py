@@ -71,6 +71,10 @@ class ModelConfig:
     """How the weights are stored and multiplied."""
     pooling: str = "last"
     """Embeddings: last (the last token's final hidden state) or mean (over the prompt)."""
+    cpu_offload_bytes: int = 0
+    """CUDA: bytes of decoder layers whose weights stream from pinned host memory."""
+    weight_mmap_dir: str | None = None
+    """CPU: keep the weights in a file-backed mapping in this directory."""
 
     @property
     def is_gguf(self) -> bool:

@@ -164,8 +164,9 @@ def test_seed_inline_flags(parser: argparse.ArgumentParser) -> None:
     e = parse(parser, "serve m " + " ".join(sorted(SEED_INLINE_FLAGS)))
     assert e.kv_cache_dtype == "fp8_e4m3"  # vLLM's fp8 is e4m3, which pagellm has
     assert e.cpu_offload_gb == 4
-    e._check_for_device("cpu")  # on CPU the weights are in host memory already: it acts
-    with pytest.raises(ValueError, match=r"cpu_offload_gb=4 is not supported yet \(issue 26"):
+    e._check_for_device("cuda")  # the GPU streams 4 GiB of layers from host memory
+    e.weight_mmap_dir = "/var/tmp"
+    with pytest.raises(ValueError, match="weight_mmap_dir maps the weights on the CPU"):
         e._check_for_device("cuda")
 
 
@@ -323,7 +324,8 @@ def warned(caplog: Any) -> Any:
 @pytest.mark.parametrize(
     ("line", "device", "text"),
     [("--gpu-memory-utilization 0.5", "cpu", "gpu_memory_utilization=0.5 has no effect on CPU"),
-     ("--trust-remote-code", "cpu", "trust_remote_code has no effect")],
+     ("--trust-remote-code", "cpu", "trust_remote_code has no effect"),
+     ("--cpu-offload-gb 2", "cpu", "cpu_offload_gb=2 has no effect on CPU")],
 )  # fmt: skip
 def test_warn_once(
     parser: argparse.ArgumentParser, warned: Any, line: str, device: str, text: str

@@ -208,8 +208,13 @@ class EngineArgs:
     """swap (a preempted request's blocks may move to the second tier and come back) or
     recompute; None: swap when there is a second tier, else recompute."""
     cpu_offload_gb: float = 0
-    """vLLM's weight offload to host memory (GiB): 0; on CPU the weights already live in
-    host memory; on GPU more than 0 is refused (issue 26)."""
+    """vLLM's weight offload (GiB, CUDA): that many GiB of decoder layers stay in pinned
+    host memory and are copied to the GPU as each runs (pagellm.models.weight_store); on
+    CPU the weights are in host memory already (warned: see weight_mmap_dir)."""
+    weight_mmap_dir: str | None = None
+    """CPU: keep the weights in a file-backed mapping in this directory (a real disk, not
+    tmpfs), so resident memory counts only the pages present and a model larger than RAM
+    still runs, paged in from disk (pagellm.models.weight_store); None: in RAM."""
     enforce_eager: bool = False
     """Accepted: pagellm never captures CUDA graphs, so it always runs eagerly."""
     load_format: str = "auto"
@@ -362,11 +367,15 @@ class EngineArgs:
 
     def _check_for_device(self, device: str) -> None:
         """Options whose effect depends on the device: refuse or warn once, never ignore."""
-        if self.cpu_offload_gb > 0 and device != "cpu":
+        if self.cpu_offload_gb > 0 and device == "cpu":
+            _warn_once(
+                "cpu_offload_gb=%g has no effect on CPU: the weights are in host memory "
+                "already; --weight-mmap-dir keeps them in a file-backed mapping instead",
+                self.cpu_offload_gb,
+            )
+        if self.weight_mmap_dir is not None and device != "cpu":
             raise ValueError(
-                f"cpu_offload_gb={self.cpu_offload_gb:g} is not supported yet (issue 26 adds "
-                "memory tiers); to fit a smaller GPU use --quantization int8/int4 (or an "
-                "awq/gptq/gguf checkpoint) and --kv-cache-memory / --max-model-len"
+                "weight_mmap_dir maps the weights on the CPU; on GPU use cpu_offload_gb"
             )
         if self.gpu_memory_utilization is not None and device == "cpu":
             _warn_once(
@@ -477,6 +486,8 @@ class EngineArgs:
             chat_template=chat_template,
             quantization=quant,
             pooling=self.pooling,
+            cpu_offload_bytes=int(self.cpu_offload_gb * (1 << 30)) if device != "cpu" else 0,
+            weight_mmap_dir=self.weight_mmap_dir,
         )
         kv_memory = None if self.kv_cache_memory is None else parse_size(self.kv_cache_memory)
         kv_dtype = _KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
@@ -753,7 +764,11 @@ class EngineArgs:
             help="swap: a preempted request's blocks may move to the second tier and come "
             "back; recompute: prefill again (default: swap with a tier, else recompute)")  # fmt: skip
         add("--cpu-offload-gb", type=float, default=0,
-            help="0; on CPU the weights are in host memory already; >0 on GPU: refused (issue 26)")  # fmt: skip
+            help="GPU: GiB of decoder layers kept in pinned host memory, copied in as each "
+            "layer runs; no effect on CPU (see --weight-mmap-dir)")  # fmt: skip
+        add("--weight-mmap-dir", default=None,
+            help="CPU: keep the weights in a file-backed mapping in this directory (paged "
+            "in on use; a model larger than RAM still runs)")  # fmt: skip
         add("--enforce-eager", action="store_true",
             help="accepted: pagellm never captures CUDA graphs, it always runs eagerly")  # fmt: skip
         add("--load-format", default="auto",

@@ -194,15 +194,25 @@ def build_model(
     quant_config: QuantConfig | None = None,
     quant_lib: ctypes.CDLL | None = None,
     weight_dtype: torch.dtype | None = None,
+    weight_mmap_dir: str | None = None,
 ) -> nn.Module:
     """Construct the network on ``device`` in ``dtype`` and load its weights, stored as
     ``quant_config`` says (default: unquantized). ``quant_lib``: the native library for
     quantized layers when ``native_lib`` is off. ``weight_dtype``: the dtype unquantized
     linear and embedding weights are stored in when it is not ``dtype`` (a bf16/fp16 run
-    on the CPU: 16-bit weights, float32 activations)."""
+    on the CPU: 16-bit weights, float32 activations). ``weight_mmap_dir``: keep the
+    weights in a file-backed mapping there (CPU; pagellm.models.weight_store), reachable
+    afterwards as ``model.weight_file``."""
     start = time.perf_counter()
     cls = get_model_class(architecture)
     qc = quant_config or QuantConfig()
+    wfile = None
+    if weight_mmap_dir is not None:
+        if device.type != "cpu":
+            raise ValueError("weight_mmap_dir maps weights on the CPU; on GPU use cpu_offload_gb")
+        from pagellm.models.weight_store import WeightFile
+
+        wfile = WeightFile(weight_mmap_dir)
     # Parameters are created empty (no random init) directly on the device; tensors are
     # converted to the run dtype where they are copied in.
     with (
@@ -212,10 +222,21 @@ def build_model(
         use_quant_kernels(quant_lib),
         use_quant_config(qc),
         use_weight_dtype(weight_dtype),
+        wfile.own_pages() if wfile is not None else contextlib.nullcontext(),
     ):
         model = cls(hf_config)
+        if wfile is not None:  # loading writes straight into the file's pages
+            wfile.map_model(model, copy=False)
         model.load_weights(iter_weights(model_path, hf_config))  # type: ignore[operator]
+        if wfile is not None:  # and the runs that finalize packed
+            wfile.map_model(model, copy=True)
     model.eval()
+    if wfile is not None:
+        model.weight_file = wfile  # type: ignore[assignment]
+        logger.info(
+            "weights: %.1f MiB in a file-backed mapping under %s (paged in on use)",
+            wfile.mapped_bytes / (1 << 20), weight_mmap_dir,
+        )  # fmt: skip
     logger.info(
         "loaded %s (%s, quantization %s) in %.1f s", os.path.basename(model_path), architecture,
         qc.method, time.perf_counter() - start,

@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 import torch
+from torch import nn
 
 from pagellm.config import EngineConfig, kv_cache_layout
 from pagellm.core.sched_output import (
@@ -70,6 +71,21 @@ def tune_cpu_allocator() -> None:
 
 
 class ModelRunner:
+    def _build_model(self) -> nn.Module:
+        """The model with its weights, where the config keeps them (RAM, a file-backed
+        mapping, or partly in host memory on a GPU)."""
+        mc = self.config.model
+        model = build_model(
+            mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device,
+            self.native_lib, mc.quantization, self.quant_lib, self.weight_dtype,
+            mc.weight_mmap_dir,
+        )  # fmt: skip
+        if mc.cpu_offload_bytes > 0:
+            from pagellm.models.weight_store import offload_to_host
+
+            offload_to_host(model, mc.cpu_offload_bytes, self.device)
+        return model
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device.device)
@@ -101,10 +117,7 @@ class ModelRunner:
             head_dim_of(config.model.hf_config), self.native_lib, config.cache.kv_cache_dtype,
         )  # fmt: skip
         mc = config.model
-        self.model = build_model(
-            mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device, self.native_lib,
-            mc.quantization, self.quant_lib, self.weight_dtype,
-        )  # fmt: skip
+        self.model = self._build_model()
         self.vocab_size = int(mc.hf_config.vocab_size)
         self.block_size = config.cache.block_size
         self.weight_bytes = model_weight_bytes(self.model)
@@ -790,10 +803,7 @@ class ModelRunner:
             return
         mc = self.config.model
         try:
-            model = build_model(
-                mc.model_path, mc.hf_config, mc.architecture, self.dtype, self.device,
-                self.native_lib, mc.quantization, self.quant_lib, self.weight_dtype,
-            )  # fmt: skip
+            model = self._build_model()
         except Exception as e:
             raise RuntimeError(f"cannot reload the weights from {mc.model_path}: {e}") from e
         self.model = model
