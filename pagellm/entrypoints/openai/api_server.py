@@ -68,6 +68,9 @@ from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
+from pagellm.policy.client import PolicyClient, PolicyHolder, response_headers
+from pagellm.policy.client import api_key as policy_key
+from pagellm.policy.config import PolicyError, load_policy
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
 
@@ -136,14 +139,19 @@ async def run_cancellable(request: Request, work: Awaitable[Any]) -> Any:
 
 def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     names = [engine.config.model.served_model_name]
+    # The serving policy (--policy): a step around the engine client that every API's
+    # admission goes through (pagellm.policy); a bad file stops start-up (ValueError).
+    policy_path = getattr(args, "policy", None)
+    policy = PolicyHolder(policy_path) if policy_path else None
+    client: Any = PolicyClient(engine, policy) if policy is not None else engine
     served = ServingModels(engine, names)
     for lora_name, lora_path in parse_lora_modules(getattr(args, "lora_modules", None)):
         served.load(lora_name, lora_path)  # a bad adapter stops start-up (ValueError)
     allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
-    completion = OpenAIServingCompletion(engine, served)
-    embedding = OpenAIServingEmbedding(engine, served)
+    completion = OpenAIServingCompletion(client, served)
+    embedding = OpenAIServingEmbedding(client, served)
     chat = OpenAIServingChat(
-        engine,
+        client,
         served,
         getattr(args, "tool_call_parser", "hermes"),
         getattr(args, "reasoning_parser", None),
@@ -171,13 +179,23 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
     async def authenticate(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if api_key and request.method != "OPTIONS" and not request.url.path.startswith(_OPEN_PATHS):
+        keyed = policy is not None and bool(policy.config.keys)
+        needs_key = api_key or keyed
+        if (
+            needs_key
+            and request.method != "OPTIONS"
+            and not request.url.path.startswith(_OPEN_PATHS)
+        ):
             # OpenAI clients send "Authorization: Bearer KEY", Anthropic's "x-api-key: KEY".
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             token = token.strip() if scheme.lower() == "bearer" else ""
             token = token or request.headers.get("x-api-key", "").strip()
-            if not secrets.compare_digest(token.encode(), api_key.encode()):
+            ok = bool(api_key) and secrets.compare_digest(token.encode(), (api_key or "").encode())
+            if keyed and not ok and policy is not None and policy.accepts(token):
+                ok = True
+                policy_key.set(token)  # the per-key limits read it at admission
+            if not ok:
                 return error_json(
                     APIError(
                         401,
@@ -239,14 +257,20 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
         # The routing session (data-parallel replicas): the engine reads it at admission,
         # inside the task that run_cancellable starts (which copies this context).
         session_key.set(session_of(request.headers, body))
+        extra: dict[str, str] = {}  # filled at admission (the policy's x-ratelimit-*)
+        response_headers.set(extra)
         result = await run_cancellable(request, work)
         if isinstance(result, Response):
+            result.headers.update(extra)
             return result
         if isinstance(result, AsyncGenerator):
             return StreamingResponse(
-                result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        return JSONResponse(result if isinstance(result, dict) else result.model_dump(mode="json"))
+                result, media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", **extra},
+            )  # fmt: skip
+        return JSONResponse(
+            result if isinstance(result, dict) else result.model_dump(mode="json"), headers=extra
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -450,8 +474,10 @@ def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(prometheus.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = prometheus.render() + (policy.render().encode() if policy is not None else b"")
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    app.state.policy = policy
     return app
 
 
@@ -462,13 +488,22 @@ async def serve(args: argparse.Namespace) -> int:
     if args.lora_modules:
         engine_args.enable_lora = True  # naming adapters is asking for LoRA
     lora_modules = parse_lora_modules(args.lora_modules)  # a malformed entry fails before start-up
+    if getattr(args, "policy", None):
+        try:
+            load_policy(args.policy)  # a bad policy file fails before the model loads
+        except PolicyError as e:
+            logger.error("%s", e)
+            return 2
     engine = AsyncLLM.from_engine_args(
         engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
     )
     try:
         app = build_app(engine, args)
     except ValueError as e:
-        logger.error("%s (--lora-modules %s)", e, " ".join(f"{n}={p}" for n, p in lora_modules))
+        if lora_modules and not isinstance(e, PolicyError):
+            logger.error("%s (--lora-modules %s)", e, " ".join(f"{n}={p}" for n, p in lora_modules))
+        else:
+            logger.error("%s", e)
         engine.shutdown()
         return 2
     config = uvicorn.Config(
@@ -491,6 +526,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    if app.state.policy is not None:  # SIGHUP: read the policy file again
+        loop.add_signal_handler(signal.SIGHUP, app.state.policy.reload)
     exit_code = 0
 
     def on_engine_dead(reason: str) -> None:
@@ -537,6 +574,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--api-key", default=None, help="require this bearer key (or set PAGELLM_API_KEY)"
     )
+    p.add_argument("--policy", default=None, metavar="FILE",
+                   help="serving policy (guardrails, per-key limits, dead-loop stops): a "
+                   "YAML file, docs/policy.md; reloaded on SIGHUP")  # fmt: skip
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse new requests with 429 while this many wait")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=10.0,

@@ -1,0 +1,336 @@
+"""The policy as a step around the engine client: ``PolicyClient`` stands where the
+serving modules expect an AsyncLLM and passes everything through, except admission.
+
+    add_request:  key limits (429) -> model allowed (404) -> max_tokens cap ->
+                  input guardrails (400 content_filter / redacted prompt) -> engine
+    each output:  output guardrails (held-back window, redaction, content_filter) ->
+                  dead-loop check (finish_reason repetition) -> the serving module
+    the end:      the key's slot freed and its real token use settled
+
+The API key of the request comes from the ``api_key`` context variable the server sets
+when it authenticates; the headers to send (x-ratelimit-*) go into ``response_headers``.
+The policy itself is held in ``PolicyHolder`` so that a reload (SIGHUP) swaps it for new
+requests while running ones finish under the one they started with.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import logging
+from collections import Counter
+from typing import Any
+
+from pagellm.entrypoints.openai.serving_base import APIError
+from pagellm.outputs import CompletionOutput, RequestOutput
+from pagellm.policy.config import PolicyConfig, PolicyError, load_policy
+from pagellm.policy.guard import RepetitionDetector, StreamFilter, Verdict, apply_rules
+from pagellm.policy.limits import KeyState
+from pagellm.sampling_params import RequestOutputKind
+
+logger = logging.getLogger(__name__)
+
+api_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("api_key", default=None)
+response_headers: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "response_headers", default=None
+)
+
+
+class PolicyHolder:
+    """The policy in force, its per-key state and its counters (kept over reloads)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.config = load_policy(path)
+        self.keys: dict[str, KeyState] = {}
+        self.counts: Counter[tuple[str, ...]] = Counter()
+        self._sync_keys()
+
+    def reload(self) -> bool:
+        """Read the file again; a bad file keeps the old policy (logged). True if
+        swapped."""
+        try:
+            config = load_policy(self.path)
+        except PolicyError as e:
+            logger.error("policy reload failed, keeping the previous policy: %s", e)
+            self.counts[("reload", "failed")] += 1
+            return False
+        self.config = config
+        self._sync_keys()
+        self.counts[("reload", "ok")] += 1
+        logger.info("policy reloaded from %s", self.path)
+        return True
+
+    def _sync_keys(self) -> None:
+        old = self.keys
+        self.keys = {}
+        for key, limits in self.config.keys.items():
+            state = old.get(key) or KeyState(limits)
+            state.limits = limits
+            self.keys[key] = state
+
+    def accepts(self, token: str) -> bool:
+        return token in self.config.keys
+
+    def count(self, *labels: str) -> None:
+        self.counts[labels] += 1
+
+    def render(self) -> str:
+        """The policy's Prometheus metrics."""
+        lines = [
+            "# HELP pagellm:policy_actions_total Guardrail rules that fired, by action.",
+            "# TYPE pagellm:policy_actions_total counter",
+        ]
+        for labels, n in sorted(self.counts.items()):
+            if labels[0] == "rule":
+                _, action, stage, rule = labels
+                lines.append(
+                    f'pagellm:policy_actions_total{{action="{action}",stage="{stage}",'
+                    f'rule="{rule}"}} {n}'
+                )  # fmt: skip
+        lines += [
+            "# HELP pagellm:policy_repetition_stops_total Requests stopped in a dead loop.",
+            "# TYPE pagellm:policy_repetition_stops_total counter",
+            f"pagellm:policy_repetition_stops_total {self.counts[('repetition',)]}",
+            "# HELP pagellm:policy_reloads_total Policy reloads (SIGHUP), by result.",
+            "# TYPE pagellm:policy_reloads_total counter",
+            f'pagellm:policy_reloads_total{{result="ok"}} {self.counts[("reload", "ok")]}',
+            f'pagellm:policy_reloads_total{{result="failed"}} {self.counts[("reload", "failed")]}',
+            "# HELP pagellm:key_usage_total Requests and tokens per API key (by its name).",
+            "# TYPE pagellm:key_usage_total counter",
+        ]
+        for state in self.keys.values():
+            for kind, n in state.usage.items():
+                lines.append(
+                    f'pagellm:key_usage_total{{key="{state.limits.name}",kind="{kind}"}} {n}'
+                )
+        lines += [
+            "# HELP pagellm:key_inflight Requests running per API key.",
+            "# TYPE pagellm:key_inflight gauge",
+        ]
+        for state in self.keys.values():
+            lines.append(f'pagellm:key_inflight{{key="{state.limits.name}"}} {state.inflight}')
+        return "\n".join(lines) + "\n"
+
+
+class PolicyClient:
+    """The engine client with the policy applied at admission and on every output."""
+
+    def __init__(self, engine: Any, holder: PolicyHolder) -> None:
+        self._engine = engine
+        self.policy = holder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def add_request(
+        self,
+        prompt: Any,
+        params: Any,
+        request_id: str,
+        add_special_tokens: bool = True,
+        priority: int = 0,
+        lora_request: Any = None,
+    ) -> PolicyStream:
+        holder = self.policy
+        config = holder.config
+        key = api_key.get()
+        state = holder.keys.get(key) if key is not None else None
+        model = lora_request.lora_name if lora_request is not None else (
+            self._engine.config.model.served_model_name
+        )  # fmt: skip
+        if state is not None:
+            lim = state.limits
+            if lim.models is not None and model not in lim.models:
+                raise APIError(
+                    404, f"The model `{model}` does not exist or you do not have access to it.",
+                    "invalid_request_error", "model", "model_not_found",
+                )  # fmt: skip
+            if lim.max_tokens is not None and (
+                params.max_tokens is None or params.max_tokens > lim.max_tokens
+            ):
+                params.max_tokens = lim.max_tokens
+        prompt = self._guard_input(config, prompt, add_special_tokens)
+        # The output policy must see a reply as it grows to stop it in time: a request
+        # for the final output only is run cumulative and its stream returns the last.
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY and bool(
+            config.rules_for("output") or config.repetition
+        )
+        if final_only:
+            params.output_kind = RequestOutputKind.CUMULATIVE
+        entry: list[float] | None = None
+        headers: dict[str, str] = {}
+        if state is not None:
+            _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
+            est = len(ids) + (params.max_tokens or 0) * max(1, getattr(params, "n", 1))
+            entry, headers = state.admit(est)
+            sink = response_headers.get()
+            if sink is not None:
+                sink.update(headers)
+        try:
+            stream = self._engine.add_request(
+                prompt, params, request_id, add_special_tokens, priority, lora_request
+            )
+        except BaseException:
+            if state is not None:
+                state.settle(entry, 0, 0)
+            raise
+        return PolicyStream(stream, holder, config, params, state, entry, final_only)
+
+    def _guard_input(self, config: PolicyConfig, prompt: Any, add_special: bool) -> Any:
+        rules = config.rules_for("input")
+        if not rules:
+            return prompt
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+        )
+        if not text:
+            return prompt  # token ids only: nothing to read
+        v = apply_rules(rules, text)
+        _count(self.policy, v, "input")
+        if v.blocked is not None:
+            raise APIError(
+                400, f"The prompt was blocked by the policy rule {v.blocked.name!r}.",
+                "invalid_request_error", "messages", "content_filter",
+            )  # fmt: skip
+        if not v.redacted:
+            return prompt
+        if isinstance(prompt, str):
+            return v.text
+        out = dict(prompt)
+        out["prompt"] = v.text
+        if out.get("prompt_token_ids") is not None:
+            # The text as rendered (chat templates write their special tokens in it).
+            tok = self._engine.input_processor.tokenizer
+            ids = list(tok.encode(v.text, add_special_tokens=False))
+            first = prompt["prompt_token_ids"][:1]
+            bos = getattr(tok, "bos_token_id", None)
+            if first and first[0] == bos and ids[:1] != first:
+                ids = first + ids
+            out["prompt_token_ids"] = ids
+        return out
+
+
+def _count(holder: PolicyHolder, v: Verdict, stage: str) -> None:
+    if v.blocked is not None:
+        holder.count("rule", "block", stage, v.blocked.name)
+    for r in v.redacted:
+        holder.count("rule", "redact", stage, r.name)
+    for r in v.flagged:
+        holder.count("rule", "flag", stage, r.name)
+
+
+class _Choice:
+    def __init__(self, config: PolicyConfig) -> None:
+        rules = config.rules_for("output")
+        self.filter = StreamFilter(rules, config.hold_back_chars) if rules else None
+        self.loop = RepetitionDetector(config.repetition) if config.repetition else None
+        self.raw_len = 0  # raw characters seen (cumulative outputs)
+        self.tokens_seen = 0
+        self.sent = ""  # what has gone out (cumulative outputs)
+        self.stopped: CompletionOutput | None = None
+
+
+class PolicyStream:
+    """A request's outputs with the output policy applied (same interface as the
+    engine's RequestStream)."""
+
+    def __init__(self, stream: Any, holder: PolicyHolder, config: PolicyConfig, params: Any,
+                 state: KeyState | None, entry: list[float] | None,
+                 final_only: bool = False) -> None:  # fmt: skip
+        self._stream = stream
+        self.request_id = stream.request_id
+        self._holder, self._config = holder, config
+        self._delta = params.output_kind == RequestOutputKind.DELTA
+        self._state, self._entry = state, entry
+        self._choices: dict[int, _Choice] = {}
+        self._settled = state is None
+        self._done = False
+        self._prompt_tokens = self._completion_tokens = 0
+        self._active = bool(config.rules_for("output") or config.repetition)
+        self._final_only = final_only
+
+    @property
+    def finished(self) -> bool:
+        return self._done or self._stream.finished
+
+    def __aiter__(self) -> PolicyStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            self._settle()
+            raise StopAsyncIteration
+        while True:
+            try:
+                out = await self._stream.__anext__()
+            except BaseException:
+                self._settle()
+                raise
+            self._prompt_tokens = len(out.prompt_token_ids)
+            if self._active:
+                out = self._apply(out)
+            if out.finished or not self._final_only:
+                break
+        if self._delta:
+            self._completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+        else:
+            self._completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if out.finished:
+            self._done = True
+            self._settle()
+        return out
+
+    def _apply(self, out: RequestOutput) -> RequestOutput:
+        outputs = []
+        for c in out.outputs:
+            ch = self._choices.get(c.index)
+            if ch is None:
+                ch = self._choices[c.index] = _Choice(self._config)
+            if ch.stopped is not None:
+                if not self._delta:
+                    outputs.append(ch.stopped)
+                continue
+            new_tokens = c.token_ids if self._delta else c.token_ids[ch.tokens_seen :]
+            ch.tokens_seen += len(new_tokens)
+            delta = c.text if self._delta else c.text[ch.raw_len :]
+            ch.raw_len += len(delta)
+            finish = c.finish_reason
+            if ch.loop is not None and finish is None and ch.loop.add(list(new_tokens)):
+                finish = self._config.repetition.finish_reason  # type: ignore[union-attr]
+                self._holder.count("repetition")
+            text = delta
+            if ch.filter is not None:
+                v = ch.filter.feed(delta, final=finish is not None)
+                _count(self._holder, v, "output")
+                text = v.text
+                if v.blocked is not None:
+                    finish = "content_filter"
+            ch.sent += text
+            c = copy.copy(c)
+            c.text = text if self._delta else ch.sent
+            if finish != c.finish_reason:
+                c.finish_reason, c.stop_reason = finish, None
+                ch.stopped = c
+            outputs.append(c)
+        out.outputs = outputs
+        stopped = all(ch.stopped is not None for ch in self._choices.values())
+        if self._choices and stopped and not out.finished:  # the policy stopped them all
+            self._stream.abort_if_unfinished()
+            out.finished = True
+        return out
+
+    def _settle(self) -> None:
+        if not self._settled:
+            self._settled = True
+            assert self._state is not None
+            self._state.settle(self._entry, self._prompt_tokens, self._completion_tokens)
+
+    def abort_if_unfinished(self) -> None:
+        self._stream.abort_if_unfinished()
+        self._settle()
+
+    async def aclose(self) -> None:
+        self.abort_if_unfinished()
