@@ -26,7 +26,7 @@ from pagellm.outputs import CompletionOutput, RequestOutput
 from pagellm.policy.config import PolicyConfig, PolicyError, load_policy
 from pagellm.policy.guard import RepetitionDetector, StreamFilter, Verdict, apply_rules
 from pagellm.policy.limits import KeyState
-from pagellm.sampling_params import RequestOutputKind
+from pagellm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ class PolicyClient:
         model = lora_request.lora_name if lora_request is not None else (
             self._engine.config.model.served_model_name
         )  # fmt: skip
+        # Embedding requests (PoolingParams) are checked on input and counted; only
+        # generation has max_tokens and an output to filter.
+        generating = isinstance(params, SamplingParams)
         if state is not None:
             lim = state.limits
             if lim.models is not None and model not in lim.models:
@@ -146,23 +149,24 @@ class PolicyClient:
                     404, f"The model `{model}` does not exist or you do not have access to it.",
                     "invalid_request_error", "model", "model_not_found",
                 )  # fmt: skip
-            if lim.max_tokens is not None and (
+            if (generating and lim.max_tokens is not None) and (
                 params.max_tokens is None or params.max_tokens > lim.max_tokens
             ):
                 params.max_tokens = lim.max_tokens
         prompt = self._guard_input(config, prompt, add_special_tokens)
         # The output policy must see a reply as it grows to stop it in time: a request
         # for the final output only is run cumulative and its stream returns the last.
-        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY and bool(
-            config.rules_for("output") or config.repetition
-        )
+        output_policy = generating and bool(config.rules_for("output") or config.repetition)
+        final_only = output_policy and params.output_kind == RequestOutputKind.FINAL_ONLY
         if final_only:
             params.output_kind = RequestOutputKind.CUMULATIVE
         entry: list[float] | None = None
         headers: dict[str, str] = {}
         if state is not None:
             _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
-            est = len(ids) + (params.max_tokens or 0) * max(1, getattr(params, "n", 1))
+            est = len(ids)
+            if generating:
+                est += (params.max_tokens or 0) * max(1, params.n)
             entry, headers = state.admit(est)
             sink = response_headers.get()
             if sink is not None:
@@ -175,7 +179,7 @@ class PolicyClient:
             if state is not None:
                 state.settle(entry, 0, 0)
             raise
-        return PolicyStream(stream, holder, config, params, state, entry, final_only)
+        return PolicyStream(stream, holder, config, output_policy, params, state, entry, final_only)
 
     def _guard_input(self, config: PolicyConfig, prompt: Any, add_special: bool) -> Any:
         rules = config.rules_for("input")
@@ -237,19 +241,20 @@ class PolicyStream:
     """A request's outputs with the output policy applied (same interface as the
     engine's RequestStream)."""
 
-    def __init__(self, stream: Any, holder: PolicyHolder, config: PolicyConfig, params: Any,
+    def __init__(self, stream: Any, holder: PolicyHolder, config: PolicyConfig, active: bool,
+                 params: Any,
                  state: KeyState | None, entry: list[float] | None,
                  final_only: bool = False) -> None:  # fmt: skip
         self._stream = stream
         self.request_id = stream.request_id
         self._holder, self._config = holder, config
-        self._delta = params.output_kind == RequestOutputKind.DELTA
+        self._delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
         self._state, self._entry = state, entry
         self._choices: dict[int, _Choice] = {}
         self._settled = state is None
         self._done = False
         self._prompt_tokens = self._completion_tokens = 0
-        self._active = bool(config.rules_for("output") or config.repetition)
+        self._active = active
         self._final_only = final_only
 
     @property

@@ -77,6 +77,13 @@ def test_keys_are_required_and_checked(server: Any) -> None:
         _forced(server, "a", False, key="sk-dave")  # dave may use an adapter only
 
 
+def test_embeddings_pass_the_input_policy(server: Any) -> None:
+    c = _client(server)  # bob has a max_tokens cap: not an embedding option
+    assert len(c.embeddings.create(model="SmolLM2-135M-Instruct", input="hello").data) == 1
+    with pytest.raises(openai.BadRequestError, match="no-forbidden"):
+        c.embeddings.create(model="SmolLM2-135M-Instruct", input="a forbidden word")
+
+
 def test_input_block_is_a_400_naming_the_rule(server: Any) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         _client(server).chat.completions.create(
