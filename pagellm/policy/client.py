@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextvars
 import copy
 import logging
+import time
 from collections import Counter
 from typing import Any
 
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.outputs import CompletionOutput, RequestOutput
+from pagellm.policy.cache import CachedReply, ResponseCache, cache_key, cacheable
 from pagellm.policy.config import PolicyConfig, PolicyError, load_policy
 from pagellm.policy.guard import RepetitionDetector, StreamFilter, Verdict, apply_rules
 from pagellm.policy.limits import KeyState
@@ -44,6 +46,7 @@ class PolicyHolder:
         self.config = load_policy(path)
         self.keys: dict[str, KeyState] = {}
         self.counts: Counter[tuple[str, ...]] = Counter()
+        self.cache: ResponseCache | None = None
         self._sync_keys()
 
     def reload(self) -> bool:
@@ -62,6 +65,13 @@ class PolicyHolder:
         return True
 
     def _sync_keys(self) -> None:
+        cc = self.config.response_cache
+        if cc is None:
+            self.cache = None
+        elif self.cache is None:
+            self.cache = ResponseCache(cc)
+        else:
+            self.cache.config = cc  # entries kept over a reload
         old = self.keys
         self.keys = {}
         for key, limits in self.config.keys.items():
@@ -110,6 +120,8 @@ class PolicyHolder:
         ]
         for state in self.keys.values():
             lines.append(f'pagellm:key_inflight{{key="{state.limits.name}"}} {state.inflight}')
+        if self.cache is not None:
+            lines += self.cache.render()
         return "\n".join(lines) + "\n"
 
 
@@ -171,6 +183,19 @@ class PolicyClient:
             sink = response_headers.get()
             if sink is not None:
                 sink.update(headers)
+        cache, ckey = holder.cache, None
+        if cache is not None and generating and cacheable(params):
+            _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
+            ckey = cache_key((key or "", model), ids, params)
+            reply = cache.get(ckey)
+            sink = response_headers.get()
+            if sink is not None:
+                sink["x-pagellm-cache"] = "miss" if reply is None else "hit"
+            if reply is not None:
+                if state is not None:
+                    state.settle(entry, 0, 0)  # nothing ran
+                text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+                return CachedStream(request_id, text, ids, reply)  # type: ignore[return-value]
         try:
             stream = self._engine.add_request(
                 prompt, params, request_id, add_special_tokens, priority, lora_request
@@ -179,6 +204,11 @@ class PolicyClient:
             if state is not None:
                 state.settle(entry, 0, 0)
             raise
+        if cache is not None and ckey is not None:
+            return PolicyStream(
+                stream, holder, config, output_policy, params, state, entry, final_only,
+                (cache, ckey),
+            )  # fmt: skip
         return PolicyStream(stream, holder, config, output_policy, params, state, entry, final_only)
 
     def _guard_input(self, config: PolicyConfig, prompt: Any, add_special: bool) -> Any:
@@ -244,7 +274,8 @@ class PolicyStream:
     def __init__(self, stream: Any, holder: PolicyHolder, config: PolicyConfig, active: bool,
                  params: Any,
                  state: KeyState | None, entry: list[float] | None,
-                 final_only: bool = False) -> None:  # fmt: skip
+                 final_only: bool = False,
+                 store: tuple[ResponseCache, str] | None = None) -> None:  # fmt: skip
         self._stream = stream
         self.request_id = stream.request_id
         self._holder, self._config = holder, config
@@ -256,6 +287,8 @@ class PolicyStream:
         self._prompt_tokens = self._completion_tokens = 0
         self._active = active
         self._final_only = final_only
+        self._store = store  # (cache, key): keep the reply if it ends on its own
+        self._text, self._ids = "", []  # type: ignore[var-annotated]
 
     @property
     def finished(self) -> bool:
@@ -283,10 +316,28 @@ class PolicyStream:
             self._completion_tokens += sum(len(c.token_ids) for c in out.outputs)
         else:
             self._completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if self._store is not None:
+            self._keep(out)
         if out.finished:
             self._done = True
             self._settle()
         return out
+
+    def _keep(self, out: RequestOutput) -> None:
+        for c in out.outputs:
+            if c.index != 0:
+                continue
+            if self._delta:
+                self._text += c.text
+                self._ids += list(c.token_ids)
+            else:
+                self._text, self._ids = c.text, list(c.token_ids)
+            if out.finished and c.finish_reason in ("stop", "length"):
+                assert self._store is not None
+                cache, key = self._store
+                cache.put(key, CachedReply(
+                    self._text, self._ids, c.finish_reason, c.stop_reason, time.monotonic()
+                ))  # fmt: skip
 
     def _apply(self, out: RequestOutput) -> RequestOutput:
         outputs = []
@@ -339,3 +390,34 @@ class PolicyStream:
 
     async def aclose(self) -> None:
         self.abort_if_unfinished()
+
+
+class CachedStream:
+    """A reply from the response cache, as one finished output (one chunk when the
+    request streams); the prompt counts as cached."""
+
+    def __init__(self, request_id: str, prompt: str | None, ids: list[int],
+                 reply: CachedReply) -> None:  # fmt: skip
+        self.request_id = request_id
+        self._out = RequestOutput(
+            request_id, prompt, list(ids),
+            [CompletionOutput(0, reply.text, list(reply.token_ids), None, None,
+                              reply.finish_reason, reply.stop_reason)],
+            True, num_cached_tokens=len(ids), extra={"response_cache": "hit"},
+        )  # fmt: skip
+        self.finished = False
+
+    def __aiter__(self) -> CachedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        self.finished = True
+        return self._out
+
+    def abort_if_unfinished(self) -> None:
+        self.finished = True
+
+    async def aclose(self) -> None:
+        self.finished = True

@@ -25,6 +25,9 @@ mistake is reported where it is (docs/policy.md has the full schema).
         max_concurrent: 4
         max_tokens: 512            # requests asking more are capped
         models: [SmolLM2-135M-Instruct]   # served names and adapters; absent: all
+    response_cache:                # temperature-0 replies answered again from memory
+      ttl_seconds: 600
+      max_entries: 1024
 """
 
 from __future__ import annotations
@@ -91,6 +94,12 @@ class RepetitionConfig:
 
 
 @dataclass(frozen=True)
+class ResponseCacheConfig:
+    ttl_seconds: int = 600
+    max_entries: int = 1024
+
+
+@dataclass(frozen=True)
 class KeyLimits:
     key: str
     name: str
@@ -108,6 +117,7 @@ class PolicyConfig:
     hold_back_chars: int = 64
     repetition: RepetitionConfig | None = None
     keys: dict[str, KeyLimits] = field(default_factory=dict)
+    response_cache: ResponseCacheConfig | None = None
 
     def rules_for(self, stage: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.stage in (stage, "both"))
@@ -190,7 +200,7 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
             raise fail(node, f"{key} must be a list of non-empty strings", key)
         return list(value)
 
-    top = mapping(doc, "the policy", ("guardrails", "repetition", "keys"))
+    top = mapping(doc, "the policy", ("guardrails", "repetition", "keys", "response_cache"))
     rules: list[Rule] = []
     hold_back = 64
     if "guardrails" in top:
@@ -261,4 +271,11 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
                 integer(k, "max_concurrent", None), integer(k, "max_tokens", None),
                 None if models is None else tuple(models),
             )  # fmt: skip
-    return PolicyConfig(path, tuple(rules), hold_back, repetition, keys)
+    cache = None
+    if "response_cache" in top:
+        c = mapping(top["response_cache"] or _Map(), "response_cache",
+                    ("ttl_seconds", "max_entries"))  # fmt: skip
+        cache = ResponseCacheConfig(
+            integer(c, "ttl_seconds", 600) or 600, integer(c, "max_entries", 1024) or 1024
+        )
+    return PolicyConfig(path, tuple(rules), hold_back, repetition, keys, cache)

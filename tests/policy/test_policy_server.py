@@ -44,6 +44,12 @@ keys:
   - key: sk-dave
     name: dave
     models: [some-adapter]
+  - key: sk-erin
+    name: erin
+  - key: sk-frank
+    name: frank
+response_cache:
+  ttl_seconds: 60
 """
 
 
@@ -144,6 +150,41 @@ def test_max_tokens_cap_dead_loop_and_metrics(server: Any) -> None:
     )
     assert "pagellm:policy_repetition_stops_total 1" in metrics
     assert 'pagellm:key_usage_total{key="bob",kind="requests"}' in metrics
+
+
+def test_response_cache_answers_repeats_per_key(server: Any) -> None:
+    ask = {"model": "SmolLM2-135M-Instruct", "max_tokens": 12, "temperature": 0,
+           "messages": [{"role": "user", "content": "Name a colour."}]}  # fmt: skip
+    with httpx.Client(timeout=60) as h:
+
+        def post(key: str, **extra: Any) -> httpx.Response:
+            r = h.post(server.url("/v1/chat/completions"),
+                       headers={"Authorization": f"Bearer {key}"}, json={**ask, **extra})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r
+
+        first = post("sk-erin")
+        assert first.headers["x-pagellm-cache"] == "miss"
+        again = post("sk-erin")
+        assert again.headers["x-pagellm-cache"] == "hit"
+        answer = first.json()["choices"][0]["message"]["content"]
+        assert again.json()["choices"][0]["message"]["content"] == answer
+        assert (
+            again.json()["usage"]["completion_tokens"] == first.json()["usage"]["completion_tokens"]
+        )
+        streamed = post("sk-erin", stream=True)
+        assert streamed.headers["x-pagellm-cache"] == "hit"
+        text = "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in streamed.text.splitlines()
+            if line.startswith("data: {") and '"choices":[{' in line
+        )
+        assert text == answer
+        # Another key never sees erin's replies; sampling is never cached.
+        assert post("sk-frank").headers["x-pagellm-cache"] == "miss"
+        assert "x-pagellm-cache" not in post("sk-erin", temperature=0.8).headers
+        metrics = h.get(server.url("/metrics")).text
+    assert 'pagellm:response_cache_total{result="hit"} 2' in metrics
 
 
 def test_burst_then_reload(server: Any) -> None:
