@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import os
@@ -115,3 +116,22 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def tune_cpu_allocator(mmap_threshold: int = 256 << 20) -> None:
+    """Keep large CPU tensors on the heap instead of fresh mmap()s.
+
+    glibc serves big allocations (a [64, 49152] logits tensor is 12 MB) with mmap and
+    returns them on free, so every step page-faults its activations in again: the
+    sampler's softmax ran 4x slower inside the engine than alone. Raising the mmap and
+    trim thresholds makes freed blocks reusable. Linux/glibc only; harmless elsewhere.
+    ``mmap_threshold``: a lower one while weights are built into a file-backed mapping
+    (pagellm.models.weight_store), where each tensor must own its pages.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, mmap_threshold)
+    libc.mallopt(m_trim_threshold, 512 << 20)

@@ -207,9 +207,7 @@ def build_model(
     cls = get_model_class(architecture)
     qc = quant_config or QuantConfig()
     wfile = None
-    if weight_mmap_dir is not None:
-        if device.type != "cpu":
-            raise ValueError("weight_mmap_dir maps weights on the CPU; on GPU use cpu_offload_gb")
+    if weight_mmap_dir is not None:  # (CPU only: EngineArgs refuses it on a GPU)
         from pagellm.models.weight_store import WeightFile
 
         wfile = WeightFile(weight_mmap_dir)

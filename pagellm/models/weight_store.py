@@ -45,13 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagellm.utils import tune_cpu_allocator
+
 logger = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 MIN_MAPPED = 64 << 10
 """Storages smaller than this stay in anonymous memory (norms, biases, small tables)."""
-
-_M_MMAP_THRESHOLD = -3
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -109,12 +109,11 @@ class WeightFile:
     def own_pages(self) -> Iterator[None]:
         """While building: every allocation from 64 KiB up gets its own mmap, so the file
         pages laid over it belong to that tensor alone (and leave with it)."""
-        self.libc.mallopt(_M_MMAP_THRESHOLD, MIN_MAPPED)  # type: ignore[union-attr]
+        tune_cpu_allocator(mmap_threshold=MIN_MAPPED)
         try:
             yield
         finally:
-            # pagellm's CPU setting (worker.model_runner.tune_cpu_allocator).
-            self.libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20)  # type: ignore[union-attr]
+            tune_cpu_allocator()  # back to pagellm's CPU setting
 
     def map_model(self, model: nn.Module, copy: bool) -> int:
         """Lay file pages over every storage of ``model`` not mapped yet. ``copy``: keep

@@ -165,7 +165,7 @@ class PolicyClient:
                 params.max_tokens is None or params.max_tokens > lim.max_tokens
             ):
                 params.max_tokens = lim.max_tokens
-        prompt = self._guard_input(config, prompt, add_special_tokens)
+        prompt = self._guard_input(config, prompt)
         # The output policy must see a reply as it grows to stop it in time: a request
         # for the final output only is run cumulative and its stream returns the last.
         output_policy = generating and bool(config.rules_for("output") or config.repetition)
@@ -173,7 +173,7 @@ class PolicyClient:
         if final_only:
             params.output_kind = RequestOutputKind.CUMULATIVE
         entry: list[float] | None = None
-        headers: dict[str, str] = {}
+        ids: list[int] | None = None  # the prompt's tokens, once something needs them
         if state is not None:
             _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
             est = len(ids)
@@ -183,9 +183,10 @@ class PolicyClient:
             sink = response_headers.get()
             if sink is not None:
                 sink.update(headers)
-        cache, ckey = holder.cache, None
+        cache, store = holder.cache, None
         if cache is not None and generating and cacheable(params):
-            _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
+            if ids is None:
+                _, ids = self._engine.input_processor.tokenize(prompt, add_special_tokens)
             ckey = cache_key((key or "", model), ids, params)
             reply = cache.get(ckey)
             sink = response_headers.get()
@@ -194,8 +195,8 @@ class PolicyClient:
             if reply is not None:
                 if state is not None:
                     state.settle(entry, 0, 0)  # nothing ran
-                text = prompt if isinstance(prompt, str) else prompt.get("prompt")
-                return CachedStream(request_id, text, ids, reply)  # type: ignore[return-value]
+                return CachedStream(request_id, _prompt_text(prompt), ids, reply)  # type: ignore[return-value]
+            store = (cache, ckey)
         try:
             stream = self._engine.add_request(
                 prompt, params, request_id, add_special_tokens, priority, lora_request
@@ -204,22 +205,15 @@ class PolicyClient:
             if state is not None:
                 state.settle(entry, 0, 0)
             raise
-        if cache is not None and ckey is not None:
-            return PolicyStream(
-                stream, holder, config, output_policy, params, state, entry, final_only,
-                (cache, ckey),
-            )  # fmt: skip
-        return PolicyStream(stream, holder, config, output_policy, params, state, entry, final_only)
+        return PolicyStream(
+            stream, holder, config, output_policy, params, state, entry, final_only, store
+        )
 
-    def _guard_input(self, config: PolicyConfig, prompt: Any, add_special: bool) -> Any:
+    def _guard_input(self, config: PolicyConfig, prompt: Any) -> Any:
         rules = config.rules_for("input")
         if not rules:
             return prompt
-        text = (
-            prompt
-            if isinstance(prompt, str)
-            else (prompt.get("prompt") if isinstance(prompt, dict) else None)
-        )
+        text = _prompt_text(prompt)
         if not text:
             return prompt  # token ids only: nothing to read
         v = apply_rules(rules, text)
@@ -245,6 +239,13 @@ class PolicyClient:
                 ids = first + ids
             out["prompt_token_ids"] = ids
         return out
+
+
+def _prompt_text(prompt: Any) -> str | None:
+    """The prompt's text (None when it came as token ids only)."""
+    if isinstance(prompt, str):
+        return prompt
+    return prompt.get("prompt") if isinstance(prompt, dict) else None
 
 
 def _count(holder: PolicyHolder, v: Verdict, stage: str) -> None:

@@ -16,7 +16,6 @@ chunk reaches its end) and at prompt rows of requests that asked for prompt logp
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import itertools
 import logging
@@ -44,6 +43,7 @@ from pagellm.lora.layers import Group, LoRAManager, set_lora_groups
 from pagellm.models.llama import head_dim_of
 from pagellm.models.loader import build_model, model_weight_bytes
 from pagellm.sample.sampler import Sampler, SamplingMetadata, seeded_generator
+from pagellm.utils import tune_cpu_allocator
 from pagellm.worker.draft_model import DraftModel
 from pagellm.worker.input_batch import InputBatch, RowState
 from pagellm.worker.kv_cache import KVCachePlan, KVTierStore, allocate_kv_cache, plan_kv_cache
@@ -51,23 +51,6 @@ from pagellm.worker.kv_cache import KVCachePlan, KVTierStore, allocate_kv_cache,
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def tune_cpu_allocator() -> None:
-    """Keep large CPU tensors on the heap instead of fresh mmap()s.
-
-    glibc serves big allocations (a [64, 49152] logits tensor is 12 MB) with mmap and
-    returns them on free, so every step page-faults its activations in again: the
-    sampler's softmax ran 4x slower inside the engine than alone. Raising the mmap and
-    trim thresholds makes freed blocks reusable. Linux/glibc only; harmless elsewhere.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 256 << 20)
-    libc.mallopt(m_trim_threshold, 512 << 20)
 
 
 class ModelRunner:

@@ -70,7 +70,7 @@ from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
 from pagellm.policy.client import PolicyClient, PolicyHolder, response_headers
 from pagellm.policy.client import api_key as policy_key
-from pagellm.policy.config import PolicyError, load_policy
+from pagellm.policy.config import PolicyError
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
 from pagellm.utils import random_uuid
 
@@ -137,12 +137,16 @@ async def run_cancellable(request: Request, work: Awaitable[Any]) -> Any:
     return Response(status_code=499)  # nobody is listening any more
 
 
-def build_app(engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
+def build_app(
+    engine: AsyncLLM, args: argparse.Namespace, policy: PolicyHolder | None = None
+) -> FastAPI:
     names = [engine.config.model.served_model_name]
     # The serving policy (--policy): a step around the engine client that every API's
     # admission goes through (pagellm.policy); a bad file stops start-up (ValueError).
+    # ``policy``: one read already (serve() reads it before the model loads).
     policy_path = getattr(args, "policy", None)
-    policy = PolicyHolder(policy_path) if policy_path else None
+    if policy is None and policy_path:
+        policy = PolicyHolder(policy_path)
     client: Any = PolicyClient(engine, policy) if policy is not None else engine
     served = ServingModels(engine, names)
     for lora_name, lora_path in parse_lora_modules(getattr(args, "lora_modules", None)):
@@ -488,9 +492,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.lora_modules:
         engine_args.enable_lora = True  # naming adapters is asking for LoRA
     lora_modules = parse_lora_modules(args.lora_modules)  # a malformed entry fails before start-up
+    policy = None
     if getattr(args, "policy", None):
         try:
-            load_policy(args.policy)  # a bad policy file fails before the model loads
+            policy = PolicyHolder(args.policy)  # a bad file fails before the model loads
         except PolicyError as e:
             logger.error("%s", e)
             return 2
@@ -498,7 +503,7 @@ async def serve(args: argparse.Namespace) -> int:
         engine_args, max_queued_requests=args.max_queued_requests, step_timeout=args.step_timeout
     )
     try:
-        app = build_app(engine, args)
+        app = build_app(engine, args, policy)
     except ValueError as e:
         if lora_modules and not isinstance(e, PolicyError):
             logger.error("%s (--lora-modules %s)", e, " ".join(f"{n}={p}" for n, p in lora_modules))
