@@ -28,6 +28,15 @@ mistake is reported where it is (docs/policy.md has the full schema).
     response_cache:                # temperature-0 replies answered again from memory
       ttl_seconds: 600
       max_entries: 1024
+      semantic:                    # paraphrases too: the prompt's embedding, cosine
+        embedding: {model: SmolLM2-135M-Instruct}   # or {url: http://h:8001/v1, model: m}
+        threshold: 0.97
+    routes:                        # served names that pick a model per request
+      - name: auto
+        small: SmolLM2-135M-Instruct
+        large: my-large-adapter
+        by: cascade                # length | match | cascade
+    guardrails.prompt_leak / guardrails.classifier: see docs/policy.md
 """
 
 from __future__ import annotations
@@ -39,6 +48,15 @@ from typing import Any
 import yaml
 
 ACTIONS = ("block", "redact", "flag")
+ROUTE_BY = ("length", "match", "cascade")
+INDEXES = ("auto", "numpy", "faiss")
+# PromptEOL (Jiang et al. 2023): a causal LM's last hidden state after this prompt is a
+# far better sentence embedding than the text alone (docs/policy.md has the numbers).
+DEFAULT_EMBED_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+DEFAULT_GUARD_TEMPLATE = (
+    "You are a safety classifier. Is the following text safe or unsafe? Answer with one "
+    "word, safe or unsafe.\n\nText: {text}"
+)
 STAGES = ("input", "output", "both")
 PII_TYPES = ("email", "phone", "card", "ip")
 
@@ -94,9 +112,63 @@ class RepetitionConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingSource:
+    """Where prompt embeddings come from: a name this server serves (``url`` None) or
+    another pagellm's (or any OpenAI-compatible) ``/v1/embeddings``."""
+
+    model: str | None = None
+    url: str | None = None
+    api_key: str | None = None
+    template: str = DEFAULT_EMBED_TEMPLATE
+
+
+@dataclass(frozen=True)
+class SemanticConfig:
+    embedding: EmbeddingSource
+    threshold: float = 0.97
+    thresholds: dict[str, float] = field(default_factory=dict)  # per served name
+    index: str = "auto"
+
+    def threshold_for(self, model: str) -> float:
+        return self.thresholds.get(model, self.threshold)
+
+
+@dataclass(frozen=True)
 class ResponseCacheConfig:
     ttl_seconds: int = 600
     max_entries: int = 1024
+    semantic: SemanticConfig | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """A served name that sends each request to ``small`` or ``large`` (names this
+    server serves: the base model or LoRA adapters)."""
+
+    name: str
+    small: str
+    large: str
+    by: str
+    max_prompt_tokens: int = 512  # by length: longer prompts go to large
+    pattern: re.Pattern[str] | None = None  # by match: a prompt that matches goes to large
+    draft_tokens: int = 16  # by cascade: small drafts this many tokens, greedy
+    min_mean_logprob: float = -1.0  # ... and answers if their mean logprob is at least this
+
+
+@dataclass(frozen=True)
+class LeakConfig:
+    min_chars: int = 40  # a run of the system prompt this long in the output is a leak
+    action: str = "block"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: str
+    stage: str = "both"
+    template: str = DEFAULT_GUARD_TEMPLATE
+    unsafe: re.Pattern[str] = re.compile(r"^\W*unsafe", re.IGNORECASE)
+    max_tokens: int = 4
+    action: str = "block"  # block | flag
 
 
 @dataclass(frozen=True)
@@ -118,6 +190,9 @@ class PolicyConfig:
     repetition: RepetitionConfig | None = None
     keys: dict[str, KeyLimits] = field(default_factory=dict)
     response_cache: ResponseCacheConfig | None = None
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+    prompt_leak: LeakConfig | None = None
+    classifier: ClassifierConfig | None = None
 
     def rules_for(self, stage: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.stage in (stage, "both"))
@@ -200,11 +275,53 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
             raise fail(node, f"{key} must be a list of non-empty strings", key)
         return list(value)
 
-    top = mapping(doc, "the policy", ("guardrails", "repetition", "keys", "response_cache"))
+    def number(node: Any, key: str, default: float, low: float, high: float) -> float:
+        value = node.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (low <= value <= high)
+        ):
+            raise fail(node, f"{key} must be a number in [{low}, {high}], got {value!r}", key)
+        return float(value)
+
+    def text(node: Any, key: str, default: str | None = None) -> str | None:
+        value = node.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise fail(node, f"{key} must be a non-empty string", key)
+        return value
+
+    def template(node: Any, key: str, default: str) -> str:
+        value = text(node, key, default) or default
+        if "{text}" not in value:
+            raise fail(node, f"{key} must contain {{text}}", key)
+        return value
+
+    def pattern_of(node: Any, what: str, required: bool) -> re.Pattern[str] | None:
+        """A words: list (whole words, any case) or a regex: string; one of them."""
+        words, regex = strings(node, "words"), node.get("regex")
+        if words is None and regex is None and not required:
+            return None
+        if (words is None) == (regex is None):
+            raise fail(node, f"{what}: give exactly one of words or regex")
+        if words is not None:
+            source = r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"
+        else:
+            if not isinstance(regex, str) or not regex:
+                raise fail(node, f"{what}: regex must be a non-empty string", "regex")
+            source = regex
+        try:
+            return re.compile(source, re.IGNORECASE)
+        except re.error as e:
+            raise fail(node, f"{what}: bad regex: {e}", "regex") from None
+
+    top = mapping(doc, "the policy",
+                  ("guardrails", "repetition", "keys", "response_cache", "routes"))  # fmt: skip
     rules: list[Rule] = []
     hold_back = 64
     if "guardrails" in top:
-        g = mapping(top["guardrails"], "guardrails", ("hold_back_chars", "rules", "pii"))
+        g = mapping(top["guardrails"], "guardrails",
+                    ("hold_back_chars", "rules", "pii", "prompt_leak", "classifier"))  # fmt: skip
         hold_back = integer(g, "hold_back_chars", 64, low=0) or 0
         raw_rules = g.get("rules") or _Seq()
         if not isinstance(raw_rules, list):
@@ -213,19 +330,8 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
             r = mapping(r, f"guardrails.rules[{i}]",
                         ("name", "words", "regex", "action", "stage", "replacement"))  # fmt: skip
             name = r.get("name") or f"rule-{i}"
-            words, regex = strings(r, "words"), r.get("regex")
-            if (words is None) == (regex is None):
-                raise fail(r, f"rule {name!r}: give exactly one of words or regex")
-            if words is not None:
-                source = r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b"
-            else:
-                if not isinstance(regex, str) or not regex:
-                    raise fail(r, f"rule {name!r}: regex must be a non-empty string", "regex")
-                source = regex
-            try:
-                pattern = re.compile(source, re.IGNORECASE)
-            except re.error as e:
-                raise fail(r, f"rule {name!r}: bad regex: {e}", "regex") from None
+            pattern = pattern_of(r, f"rule {name!r}", True)
+            assert pattern is not None
             rules.append(Rule(
                 str(name), pattern, choice(r, "action", "block", ACTIONS),
                 choice(r, "stage", "both", STAGES), str(r.get("replacement", "[REDACTED]")),
@@ -242,6 +348,27 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
                 rules.append(Rule(
                     f"pii:{t}", re.compile(PII_PATTERNS[t]), action, stage, f"[{t.upper()}]"
                 ))  # fmt: skip
+    leak = classifier = None
+    if "guardrails" in top and "prompt_leak" in top["guardrails"]:
+        lk = mapping(top["guardrails"]["prompt_leak"] or _Map(), "guardrails.prompt_leak",
+                     ("min_chars", "action"))  # fmt: skip
+        leak = LeakConfig(integer(lk, "min_chars", 40, low=8) or 40,
+                          choice(lk, "action", "block", ACTIONS))  # fmt: skip
+    if "guardrails" in top and "classifier" in top["guardrails"]:
+        c = mapping(top["guardrails"]["classifier"], "guardrails.classifier",
+                    ("model", "stage", "template", "unsafe_regex", "max_tokens", "action"))  # fmt: skip
+        model = text(c, "model")
+        if model is None:
+            raise fail(c, "guardrails.classifier needs a model (a name this server serves)")
+        try:
+            unsafe = re.compile(text(c, "unsafe_regex", r"^\W*unsafe") or "", re.IGNORECASE)
+        except re.error as e:
+            raise fail(c, f"unsafe_regex: bad regex: {e}", "unsafe_regex") from None
+        classifier = ClassifierConfig(
+            model, choice(c, "stage", "both", STAGES),
+            template(c, "template", DEFAULT_GUARD_TEMPLATE), unsafe,
+            integer(c, "max_tokens", 4) or 4, choice(c, "action", "block", ("block", "flag")),
+        )  # fmt: skip
     repetition = None
     if "repetition" in top:
         r = mapping(top["repetition"], "repetition", ("max_period", "min_repeats", "finish_reason"))
@@ -274,8 +401,61 @@ def parse_policy(doc: Any, path: str = "<policy>") -> PolicyConfig:
     cache = None
     if "response_cache" in top:
         c = mapping(top["response_cache"] or _Map(), "response_cache",
-                    ("ttl_seconds", "max_entries"))  # fmt: skip
+                    ("ttl_seconds", "max_entries", "semantic"))  # fmt: skip
+        semantic = None
+        if "semantic" in c:
+            sm = mapping(c["semantic"], "response_cache.semantic",
+                         ("embedding", "threshold", "thresholds", "index"))  # fmt: skip
+            if "embedding" not in sm:
+                raise fail(sm, "response_cache.semantic needs an embedding ({model: a name "
+                           "served here} or {url: ..., model: ...})")  # fmt: skip
+            em = mapping(sm.get("embedding"), "response_cache.semantic.embedding",
+                        ("model", "url", "api_key", "template"))  # fmt: skip
+            url = text(em, "url")
+            if url is None and text(em, "model") is None:
+                raise fail(em, "embedding needs a model (served here) or a url and model")
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise fail(em, f"url must start with http:// or https://, got {url!r}", "url")
+            thresholds = sm.get("thresholds") or {}
+            if not isinstance(thresholds, dict):
+                raise fail(sm, "thresholds must map served names to numbers", "thresholds")
+            for name in thresholds:
+                number(thresholds, name, 0.0, -1.0, 1.0)
+            semantic = SemanticConfig(
+                EmbeddingSource(text(em, "model"), url, text(em, "api_key"),
+                                template(em, "template", DEFAULT_EMBED_TEMPLATE)),
+                number(sm, "threshold", 0.97, -1.0, 1.0),
+                {str(k): float(v) for k, v in thresholds.items()},
+                choice(sm, "index", "auto", INDEXES),
+            )  # fmt: skip
         cache = ResponseCacheConfig(
-            integer(c, "ttl_seconds", 600) or 600, integer(c, "max_entries", 1024) or 1024
-        )
-    return PolicyConfig(path, tuple(rules), hold_back, repetition, keys, cache)
+            integer(c, "ttl_seconds", 600) or 600, integer(c, "max_entries", 1024) or 1024,
+            semantic,
+        )  # fmt: skip
+    routes: dict[str, RouteConfig] = {}
+    if "routes" in top:
+        raw_routes = top["routes"]
+        if not isinstance(raw_routes, list):
+            raise fail(top, "routes must be a list", "routes")
+        for i, r in enumerate(raw_routes):
+            r = mapping(r, f"routes[{i}]", (
+                "name", "small", "large", "by", "max_prompt_tokens", "words", "regex",
+                "draft_tokens", "min_mean_logprob",
+            ))  # fmt: skip
+            name, small, large = text(r, "name"), text(r, "small"), text(r, "large")
+            if name is None or small is None or large is None:
+                raise fail(r, f"routes[{i}] needs a name, a small and a large model")
+            if name in routes:
+                raise fail(r, f"routes[{i}]: the route {name!r} appears twice", "name")
+            if name in (small, large):
+                raise fail(r, f"route {name!r} cannot route to itself", "name")
+            by = choice(r, "by", "length", ROUTE_BY)
+            routes[name] = RouteConfig(
+                name, small, large, by, integer(r, "max_prompt_tokens", 512) or 512,
+                pattern_of(r, f"route {name!r}", by == "match"),
+                integer(r, "draft_tokens", 16) or 16,
+                number(r, "min_mean_logprob", -1.0, -100.0, 0.0),
+            )  # fmt: skip
+    return PolicyConfig(
+        path, tuple(rules), hold_back, repetition, keys, cache, routes, leak, classifier
+    )

@@ -7,6 +7,10 @@ once it ends before that window (it cannot grow any more) or the reply has ended
 nothing at or after the start of an undecided match is sent. So a redacted value never
 leaves in fragments, as long as the window is longer than the longest match.
 
+Prompt leaks: ``LeakPattern`` stands in a rule for a pattern and matches every run of at
+least ``min_chars`` characters that the request's system prompt contains verbatim, so a
+leak is held back, blocked or redacted like any other match.
+
 Dead loops: ``RepetitionDetector`` sees the token ids and reports when the output's tail
 is one cycle of 1..max_period tokens repeated min_repeats times.
 """
@@ -39,6 +43,47 @@ def _matches(rules: tuple[Rule, ...], text: str) -> list[tuple[int, int, Rule]]:
             found.append((m.start(), m.end(), rule))
     found.sort(key=lambda x: (x[0], -x[1]))
     return found
+
+
+class _Span:
+    def __init__(self, text: str, start: int, end: int) -> None:
+        self._text, self._start, self._end = text, start, end
+
+    def start(self) -> int:
+        return self._start
+
+    def end(self) -> int:
+        return self._end
+
+    def group(self) -> str:
+        return self._text[self._start : self._end]
+
+
+class LeakPattern:
+    """Runs of at least ``min_chars`` characters of ``secret`` inside a text (the
+    longest run at each place); used as a rule's pattern."""
+
+    def __init__(self, secret: str, min_chars: int) -> None:
+        self.secret, self.n = secret, min_chars
+        self.grams = {secret[i : i + min_chars] for i in range(len(secret) - min_chars + 1)}
+
+    def finditer(self, text: str) -> list[_Span]:
+        found, i, n = [], 0, self.n
+        while i + n <= len(text):
+            if text[i : i + n] not in self.grams:
+                i += 1
+                continue
+            j = i + n
+            while j < len(text) and text[i : j + 1] in self.secret:
+                j += 1
+            found.append(_Span(text, i, j))
+            i = j
+        return found
+
+
+def leak_rule(system_prompt: str, min_chars: int, action: str) -> Rule:
+    return Rule("prompt-leak", LeakPattern(system_prompt, min_chars), action, "output",  # type: ignore[arg-type]
+                "[SYSTEM PROMPT]")  # fmt: skip
 
 
 def apply_rules(rules: tuple[Rule, ...], text: str) -> Verdict:

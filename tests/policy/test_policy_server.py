@@ -184,7 +184,10 @@ def test_response_cache_answers_repeats_per_key(server: Any) -> None:
         assert post("sk-frank").headers["x-pagellm-cache"] == "miss"
         assert "x-pagellm-cache" not in post("sk-erin", temperature=0.8).headers
         metrics = h.get(server.url("/metrics")).text
-    assert 'pagellm:response_cache_total{result="hit"} 2' in metrics
+    assert 'pagellm:response_cache_total{result="hit",match="exact"} 2' in metrics
+    assert again.json()["usage"]["response_cache"] == "exact"
+    assert again.headers["x-pagellm-cache-match"] == "exact"
+    assert "response_cache" not in first.json()["usage"]
 
 
 def test_burst_then_reload(server: Any) -> None:

@@ -68,7 +68,7 @@ from pagellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from pagellm.entrypoints.openai.serving_models import ServingModels, parse_lora_modules
 from pagellm.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagellm.metrics.prometheus import LoggingStatLogger, PrometheusStatLogger
-from pagellm.policy.client import PolicyClient, PolicyHolder, response_headers
+from pagellm.policy.client import PolicyClient, PolicyHolder, cache_mode, response_headers
 from pagellm.policy.client import api_key as policy_key
 from pagellm.policy.config import PolicyError
 from pagellm.sampling_params import RequestOutputKind, SamplingParams
@@ -147,10 +147,16 @@ def build_app(
     policy_path = getattr(args, "policy", None)
     if policy is None and policy_path:
         policy = PolicyHolder(policy_path)
-    client: Any = PolicyClient(engine, policy) if policy is not None else engine
     served = ServingModels(engine, names)
     for lora_name, lora_path in parse_lora_modules(getattr(args, "lora_modules", None)):
         served.load(lora_name, lora_path)  # a bad adapter stops start-up (ValueError)
+    client: Any = engine
+    if policy is not None:
+        client = PolicyClient(engine, policy, served)
+        # The names the policy refers to must be served here: checked now and on reload.
+        client.check_names(policy.config)
+        policy.check = client.check_names
+        served.routes = lambda: policy.config.routes
     allow_runtime_lora = bool(getattr(args, "allow_runtime_lora", False))
     completion = OpenAIServingCompletion(client, served)
     embedding = OpenAIServingEmbedding(client, served)
@@ -263,6 +269,7 @@ def build_app(
         session_key.set(session_of(request.headers, body))
         extra: dict[str, str] = {}  # filled at admission (the policy's x-ratelimit-*)
         response_headers.set(extra)
+        cache_mode.set(request.headers.get("x-pagellm-cache", "").strip().lower() or None)
         result = await run_cancellable(request, work)
         if isinstance(result, Response):
             result.headers.update(extra)
@@ -382,7 +389,7 @@ def build_app(
         kind = RequestOutputKind.CUMULATIVE if body.stream else RequestOutputKind.FINAL_ONLY
         params = SamplingParams(**fields, output_kind=kind)
         prefix = tokenized[0] or ""
-        (gen,) = completion.admit(
+        (gen,) = await completion.admit(
             [({"prompt": tokenized[0], "prompt_token_ids": tokenized[1]}, params)],
             f"gen-{random_uuid()}", priority, lora,
         )  # fmt: skip

@@ -239,15 +239,27 @@ class UsageInfo(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
+    response_cache: str | None = None
+    """pagellm: "exact" or "semantic" when the serving policy's response cache answered
+    (the token counts are the original reply's); absent otherwise."""
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+           response_cache: object = None) -> UsageInfo:  # fmt: skip
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details={"cached_tokens": cached_tokens},
+            response_cache=str(response_cache) if response_cache else None,
         )
+
+    @model_serializer(mode="wrap")
+    def _drop_no_cache(self, handler: Any) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("response_cache") is None:
+            out.pop("response_cache", None)
+        return out
 
 
 class CompletionLogprobs(BaseModel):

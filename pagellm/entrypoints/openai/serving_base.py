@@ -280,26 +280,32 @@ class OpenAIServing:
         if self.engine.errored:
             raise APIError.engine_dead()
 
-    def admit(
+    async def admit(
         self,
         prompts: list[tuple[dict[str, Any], Any]],
         request_id: str,
         priority: int,
-        lora_request: LoRARequest | None = None,
+        lora_request: Any = None,
     ) -> list[Any]:
         """Admit every prompt of one API request now, before any response starts (a full
         queue is 429 here, not a broken stream); all or none: if one is refused, the ones
-        already admitted are aborted."""
+        already admitted are aborted. An engine client with ``admit_request`` (the serving
+        policy, pagellm.policy) admits asynchronously: it may embed or run a model first."""
         self.check_capacity(len(prompts))
+        admit = getattr(self.engine, "admit_request", None)
         streams: list[Any] = []
         try:
             for i, (prompt, params) in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(
-                    self.engine.add_request(
+                if admit is not None:
+                    stream = await admit(
                         prompt, params, rid, priority=priority, lora_request=lora_request
                     )
-                )
+                else:
+                    stream = self.engine.add_request(
+                        prompt, params, rid, priority=priority, lora_request=lora_request
+                    )
+                streams.append(stream)
         except BaseException:
             for s in streams:
                 s.abort_if_unfinished()

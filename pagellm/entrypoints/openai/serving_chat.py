@@ -68,6 +68,30 @@ class PreparedChat:
     mode: ToolMode
 
 
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else []
+    return "\n".join(str(x.get("text", "")) for x in parts if isinstance(x, dict))
+
+
+def _policy_texts(req: ChatCompletionRequest) -> dict[str, str | None]:
+    """What the serving policy reads besides the rendered prompt: the system prompt
+    (prompt-leak check) and, for a single question (system + one user message, no
+    tools), the text the semantic cache embeds; a conversation has none."""
+    system = "\n".join(
+        _text_of(m.content) for m in req.messages if m.role in ("system", "developer")
+    )
+    users = [m for m in req.messages if m.role == "user"]
+    single = (
+        len(users) == 1
+        and not req.tools
+        and all(m.role in ("system", "developer", "user") for m in req.messages)
+    )
+    semantic = f"{system}\n{_text_of(users[0].content)}".strip() if single else None
+    return {"system": system or None, "semantic": semantic}
+
+
 class OpenAIServingChat(OpenAIServing):
     def __init__(
         self,
@@ -199,9 +223,9 @@ class OpenAIServingChat(OpenAIServing):
         if req.stream:
             return self._sse(req, await self.create_chunks(req, request_id, prepared))
         p = prepared or self.prepare(req)
-        model, mode = p.model, p.mode
+        mode = p.mode
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        gen = self._admit(req, p, request_id)
+        gen, model = await self._admit(req, p, request_id)
         created = int(time.time())
         final = None
         try:
@@ -234,7 +258,10 @@ class OpenAIServingChat(OpenAIServing):
             model=model,
             choices=choices,
             usage=UsageInfo.of(
-                len(final.prompt_token_ids), completion_tokens, final.num_cached_tokens
+                len(final.prompt_token_ids),
+                completion_tokens,
+                final.num_cached_tokens,
+                final.extra.get("response_cache"),
             ),
         )
 
@@ -253,14 +280,18 @@ class OpenAIServingChat(OpenAIServing):
         p = prepared or self.prepare(req)
         p.params.output_kind = RequestOutputKind.DELTA
         request_id = request_id or f"chatcmpl-{random_uuid()}"
-        gen = self._admit(req, p, request_id)
-        return self._chunks(req, request_id, p.model, int(time.time()), gen, p.mode)
+        gen, model = await self._admit(req, p, request_id)
+        return self._chunks(req, request_id, model, int(time.time()), gen, p.mode)
 
-    def _admit(self, req: ChatCompletionRequest, p: PreparedChat, request_id: str) -> Any:
-        prompt = {"prompt": p.text, "prompt_token_ids": p.ids, "cache_salt": req.cache_salt}
+    async def _admit(
+        self, req: ChatCompletionRequest, p: PreparedChat, request_id: str
+    ) -> tuple[Any, str]:
+        """The request's stream and the model name to report (a route's choice)."""
+        prompt = {"prompt": p.text, "prompt_token_ids": p.ids, "cache_salt": req.cache_salt,
+                  "policy": _policy_texts(req)}  # fmt: skip
         lora = self.resolve_model(p.model)[1]
-        (gen,) = self.admit([(prompt, p.params)], request_id, req.priority, lora)
-        return gen
+        (gen,) = await self.admit([(prompt, p.params)], request_id, req.priority, lora)
+        return gen, getattr(gen, "model", None) or p.model
 
     def _split_reasoning(self, text: str, final: bool) -> tuple[str, str]:
         if self.reasoning_parser is None:
@@ -323,6 +354,7 @@ class OpenAIServingChat(OpenAIServing):
         for i in range(req.n):
             yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
         prompt_tokens = completion_tokens = cached = 0
+        from_cache = None
         # Per choice: the raw text so far, and how much of its reasoning and of its
         # content has been sent. With tools, content that may be (the start of) a call is
         # held back until it is known.
@@ -378,7 +410,8 @@ class OpenAIServingChat(OpenAIServing):
             if out.finished:
                 prompt_tokens = len(out.prompt_token_ids)
                 cached = out.num_cached_tokens
-        usage = UsageInfo.of(prompt_tokens, completion_tokens, cached)
+                from_cache = out.extra.get("response_cache")
+        usage = UsageInfo.of(prompt_tokens, completion_tokens, cached, from_cache)
         yield ChatCompletionChunk(
             id=request_id, created=created, model=model, choices=[], usage=usage
         )

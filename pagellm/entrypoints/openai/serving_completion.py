@@ -94,7 +94,8 @@ class OpenAIServingCompletion(OpenAIServing):
             for (text, ids), p in zip(tokenized, params)
         ]
         lora = self.resolve_model(model)[1]
-        generators = self.admit(prompts, f"{request_id}", req.priority, lora)
+        generators = await self.admit(prompts, f"{request_id}", req.priority, lora)
+        model = getattr(generators[0], "model", None) or model  # a route's choice
         created = int(time.time())
         if req.stream:
             return self._stream(req, request_id, model, created, generators, tokenized)
@@ -106,11 +107,13 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError.bad_request(str(e)) from None
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = cached = 0
+        from_cache = None
         for i, final in enumerate(finals):
             assert final is not None
             out = final
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.num_cached_tokens
+            from_cache = from_cache or out.extra.get("response_cache")
             for comp in out.outputs:
                 if _scoring(req):
                     comp = _prompt_only(comp)
@@ -135,7 +138,7 @@ class OpenAIServingCompletion(OpenAIServing):
             created=created,
             model=model,
             choices=choices,
-            usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
+            usage=UsageInfo.of(prompt_tokens, completion_tokens, cached, from_cache),
         )
 
     async def _stream(
@@ -150,6 +153,7 @@ class OpenAIServingCompletion(OpenAIServing):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         prompt_tokens = completion_tokens = cached = 0
+        from_cache = None
         echoed: set[int] = set()
         offsets: dict[int, int] = {}
         try:
@@ -190,10 +194,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 if out.finished:
                     prompt_tokens += len(out.prompt_token_ids)
                     cached += out.num_cached_tokens
+                    from_cache = from_cache or out.extra.get("response_cache")
             if include_usage:
                 final = CompletionResponse(
                     id=request_id, created=created, model=model, choices=[],
-                    usage=UsageInfo.of(prompt_tokens, completion_tokens, cached),
+                    usage=UsageInfo.of(prompt_tokens, completion_tokens, cached, from_cache),
                 )  # fmt: skip
                 yield sse(final)
         except Exception as e:  # the stream still ends properly

@@ -58,7 +58,7 @@ class OpenAIServingEmbedding(OpenAIServing):
             self.resolve_max_tokens(len(ids), 1, "input")
             prompts.append(({"prompt": text, "prompt_token_ids": ids}, params.clone()))
         request_id = request_id or f"embd-{random_uuid()}"
-        generators = self.admit(prompts, request_id, req.priority, lora)
+        generators = await self.admit(prompts, request_id, req.priority, lora)
         finals: list[RequestOutput | None] = [None] * len(generators)
         async for i, out in merge_async_iterators(*generators):
             finals[i] = out

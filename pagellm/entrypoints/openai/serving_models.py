@@ -8,6 +8,10 @@ come from ``--lora-modules`` at start-up and, with ``--allow-runtime-lora``, fro
 Unloading an adapter that is in use: its name disappears at once (new requests get 404),
 the requests already running finish normally, and the call returns once they have and
 the engine has dropped the weights.
+
+The serving policy's routes (pagellm.policy.routing) are names too: ``routes`` returns
+them, and such a name resolves to a RouteRequest that the policy replaces by the model
+it picks at admission.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pagellm.entrypoints.openai.protocol import ModelCard
 from pagellm.entrypoints.openai.serving_base import APIError
 from pagellm.lora.request import LoRARequest
+from pagellm.policy.routing import RouteRequest
 
 if TYPE_CHECKING:
     from pagellm.engine.async_llm import AsyncLLM
@@ -51,18 +56,22 @@ class ServingModels:
         self.base_names = list(base_names)
         self.adapters: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
+        self.routes: Any = lambda: {}  # the policy's routes: name -> RouteConfig
 
     @property
     def base(self) -> str:
         return self.base_names[0]
 
-    def resolve(self, name: str | None) -> tuple[str, LoRARequest | None]:
-        """(the name to report, the adapter to run); 404 for a name nobody serves."""
+    def resolve(self, name: str | None) -> tuple[str, Any]:
+        """(the name to report, the adapter to run: a LoRARequest, None for the base
+        model, or a RouteRequest); 404 for a name nobody serves."""
         if name is None or name == "":
             return self.base, None
         if name in self.base_names:
             return name, None
-        lora = self.adapters.get(name)
+        lora: Any = self.adapters.get(name)
+        if lora is None and name in self.routes():
+            lora = RouteRequest(name)
         if lora is None:
             raise APIError(404, f"The model `{name}` does not exist.", "not_found_error",
                            "model", "model_not_found")  # fmt: skip
@@ -74,6 +83,8 @@ class ServingModels:
                  for n in self.base_names]  # fmt: skip
         cards += [ModelCard(id=n, root=r.lora_path, parent=self.base, max_model_len=mc.max_model_len)
                   for n, r in self.adapters.items()]  # fmt: skip
+        cards += [ModelCard(id=n, root=f"route:{r.small}|{r.large}", max_model_len=mc.max_model_len)
+                  for n, r in self.routes().items()]  # fmt: skip
         return cards
 
     def card(self, name: str) -> ModelCard:
@@ -86,7 +97,7 @@ class ServingModels:
             raise ValueError("lora_name must be a non-empty string")
         if not isinstance(path, str) or not path:
             raise ValueError("lora_path must be a non-empty string")
-        if name in self.base_names or name in self.adapters:
+        if name in self.base_names or name in self.adapters or name in self.routes():
             raise ValueError(f"the model name {name!r} is already in use")
         if self.engine.config.lora is None:
             raise ValueError("this server was started without --enable-lora")
