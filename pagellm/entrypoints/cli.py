@@ -120,13 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         parallel,
         perplexity,
         roofline,
+        semantic_cache,
         serve,
         speculative,
         throughput,
     )
 
     for module in (throughput, serve, latency, roofline, perplexity, grammar, speculative,
-                   parallel):  # fmt: skip
+                   parallel, semantic_cache):  # fmt: skip
         module.add_parser(bench)
     return parser
 

@@ -2,8 +2,8 @@
 response cache (a paraphrase hits above the threshold, misses below it and under another
 key; streamed hits), small/large routing by length, by a keyword class and by the
 cascade's score (a LoRA adapter stands in for the large model), the prompt-leak check on
-a stream, and the classifier model's verdicts (swapped in by SIGHUP reloads, so those
-tests come last)."""
+a stream, embeddings from another server, and the classifier model's verdicts (those
+two swap the policy by SIGHUP reloads, so they come last)."""
 
 from __future__ import annotations
 
@@ -236,8 +236,26 @@ def _reload(server: Any, text: str) -> None:
         time.sleep(0.1)
 
 
+def test_semantic_cache_with_embeddings_from_another_server(server: Any) -> None:
+    # The other server is this one, reached over HTTP like any other pagellm.
+    sem = "response_cache:\n  semantic:\n    threshold: 0.9\n    embedding: "
+    _reload(server, sem + f"{{url: {server.base_url}, model: {BASE}}}\n")
+    first = _chat(server, BASE, "How many legs does a spider have?", key="")
+    assert first.headers["x-pagellm-cache"] == "miss"
+    hit = _chat(server, BASE, "What is the number of legs on a spider?", key="")
+    assert hit.headers["x-pagellm-cache-match"] == "semantic"
+    assert hit.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    # An embedding server that does not answer: requests run uncached and are counted.
+    _reload(server, sem + "{url: http://127.0.0.1:9/v1, model: x}\n")
+    miss = _chat(server, BASE, "Why is the sky blue?", key="")
+    assert miss.headers["x-pagellm-cache"] == "miss" and miss.json()["choices"][0]["message"]
+    metrics = httpx.get(server.url("/metrics")).text
+    assert "pagellm:semantic_cache_embed_errors_total 1" in metrics
+
+
 def test_classifier_verdicts_and_a_bad_reload(server: Any) -> None:
     # A route to a model nobody serves is refused on reload; the old policy stays.
+    _reload(server, POLICY)
     _reload(server, POLICY + "  - {name: nowhere, small: big, large: missing-model}\n")
     assert "missing-model" in server.logs() and "keeping the previous policy" in server.logs()
     assert _chat(server, "by-length", "Hi!").headers["x-pagellm-route"] == "small"
