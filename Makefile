@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/install_browser.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	# The optional xgrammar structured-outputs backend: --no-deps, because the triton it
 	# declares is only for its GPU kernels (hundreds of MB a CPU engine never uses).
 	$(PY) -m pip install --quiet --no-deps $(XGRAMMAR_SPEC)
+	# Chromium for the web page tests (Playwright drives it): Debian's package.
+	scripts/install_browser.sh $(PY)
 	touch $@
 
 run: setup

@@ -131,3 +131,24 @@ def relative_error(a: Any, b: Any) -> float:
     """||a - b|| / ||b|| over all entries (root mean square, so that one outlier among
     millions of logits does not decide)."""
     return float((a - b).float().norm() / b.float().norm())
+
+
+def random_adapter(path: Any) -> str:
+    """A rank-8 q_proj LoRA adapter for SmolLM2-135M with random weights (a second
+    "model" for the routing and web page tests)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(7)
+    tensors = {}
+    for layer in range(30):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(8, 576) / 24
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(576, 8) * 0.05
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}, f)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return str(path)

@@ -118,6 +118,17 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
+    def group_usage(self) -> tuple[float, ...]:
+        """Each group's share of the pool's blocks held by requests (a block shared by
+        prefix caching counts once). One group: the pool's usage."""
+        if len(self.windows) == 1:
+            return (self.pool.usage,)
+        held: list[set[int]] = [set() for _ in self.windows]
+        for groups in self.req_to_blocks.values():
+            for g, blocks in enumerate(groups):
+                held[g].update(b.block_id for b in blocks if b is not SLID_OUT)
+        return tuple(len(ids) / self.pool.num_blocks for ids in held)
+
     def blocks_of(self, req_id: str) -> list[KVBlock]:
         """Every block the request holds, all groups together (SLID_OUT left out)."""
         return [b for blocks in self.req_to_blocks.get(req_id, ()) for b in held_blocks(blocks)]

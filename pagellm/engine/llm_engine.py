@@ -244,6 +244,7 @@ class EngineCore:
             num_running_tokens=sum(r.num_tokens for r in s.running),
             num_waiting_tokens=sum(r.num_tokens for r in s.waiting),
             kv_cache_usage=s.kv_cache_usage,
+            kv_cache_group_usage=s.kv.group_usage(),
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
             num_preemptions=s.num_preemptions,

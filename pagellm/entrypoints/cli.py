@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from pagellm.benchmarks import (
         grammar,
+        html_report,
         latency,
         parallel,
         perplexity,
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for module in (throughput, serve, latency, roofline, perplexity, grammar, speculative,
-                   parallel, semantic_cache):  # fmt: skip
+                   parallel, semantic_cache, html_report):  # fmt: skip
         module.add_parser(bench)
     return parser
 

@@ -125,6 +125,13 @@ class PrometheusStatLogger:
         self.kv_usage = Gauge(
             "pagellm:kv_cache_usage_perc", "Share of KV blocks in use (0..1).", labels, registry=r
         )
+        self.kv_group_usage = Gauge(
+            "pagellm:kv_cache_group_usage_perc",
+            "Share of KV blocks held per cache group (0..1); group 0 is full attention "
+            "when any layer is.",
+            [*labels, "group"],
+            registry=r,
+        )
         self.alive = Gauge(
             "pagellm:engine_alive", "1 while the engine replica serves, 0 once it died.",
             labels, registry=r,
@@ -235,6 +242,8 @@ class PrometheusStatLogger:
                 running.labels(m, e).set(scheduler.num_running)
                 waiting.labels(m, e).set(scheduler.num_waiting)
                 usage.labels(m, e).set(scheduler.kv_cache_usage)
+            for g, share in enumerate(scheduler.kv_cache_group_usage):
+                self.kv_group_usage.labels(m, e, str(g)).set(share)
             last = self._last_cumulative.get(e, SchedulerStats())
             queries = max(scheduler.prefix_cache_queries - last.prefix_cache_queries, 0)
             hits = max(scheduler.prefix_cache_hits - last.prefix_cache_hits, 0)

@@ -46,6 +46,9 @@ class SchedulerStats:
     num_waiting_tokens: int = 0
     """Tokens of the waiting (and preempted) requests."""
     kv_cache_usage: float = 0.0
+    kv_cache_group_usage: tuple[float, ...] = ()
+    """Each KV cache group's share of the blocks (models that mix attention kinds have
+    several groups: full attention, sliding windows)."""
     prefix_cache_queries: int = 0
     """Cumulative prompt tokens looked up in the prefix cache."""
     prefix_cache_hits: int = 0

@@ -244,3 +244,27 @@ def test_freed_request_is_evicted_tail_first_in_every_group() -> None:
     twin = Request("c", prompt, SamplingParams(max_tokens=4), (), 10_000)
     _, n = kv.get_computed_blocks(twin)
     assert n == 4 * BS
+
+
+def test_group_usage_counts_each_groups_blocks_once() -> None:
+    """What the dashboard charts per KV cache group: a group's held blocks over the pool
+    (a prefix-shared block once); the groups together are the pool's usage."""
+    kv = KVCacheManager(40, BS, enable_caching=True, group_windows=(None, 4))
+    assert kv.group_usage() == (0.0, 0.0)
+    prompt = list(range(300, 320))  # 20 tokens: 5 blocks per group
+    a = Request("a", prompt, SamplingParams(max_tokens=4), (), 10_000)
+    assert kv.allocate_slots(a, len(prompt)) is not None
+    assert kv.group_usage() == (5 / 40, 5 / 40)
+    a.num_computed_tokens = len(prompt)
+    twin = Request("b", prompt, SamplingParams(max_tokens=4), (), 10_000)
+    hits, n = kv.get_computed_blocks(twin)
+    assert n == 16
+    assert kv.allocate_slots(twin, len(prompt) - n, hits) is not None
+    # Per group: the 4 shared blocks once, plus each request's own last block.
+    assert kv.group_usage() == (6 / 40, 6 / 40)
+    assert abs(sum(kv.group_usage()) - kv.usage) < 1e-9
+    kv.free(a)
+    kv.free(twin)
+    assert kv.group_usage() == (0.0, 0.0)
+    single = KVCacheManager(8, BS)
+    assert single.group_usage() == (single.usage,)

@@ -8,7 +8,6 @@ two swap the policy by SIGHUP reloads, so they come last)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time
@@ -18,9 +17,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 
-from tests.utils import RemoteServer
+from tests.utils import RemoteServer, random_adapter
 
 BASE = "SmolLM2-135M-Instruct"
 POLICY = f"""\
@@ -66,30 +64,13 @@ QUESTION = "What is the capital of France?"
 PARAPHRASE = "Which city is the capital of France?"
 
 
-def _adapter(path: Any) -> str:
-    """A rank-8 q_proj adapter with random weights (the "large" model of the routes)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    torch.manual_seed(7)
-    tensors = {}
-    for layer in range(30):
-        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(8, 576) / 24
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(576, 8) * 0.05
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}, f)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     root = tmp_path_factory.mktemp("policy_models")
     path = root / "policy.yaml"
     path.write_text(POLICY)
     args = ["--policy", str(path), "--max-model-len", "512", "--kv-cache-memory", "64MiB",
-            "--max-lora-rank", "8", "--lora-modules", f"big={_adapter(root / 'big')}"]  # fmt: skip
+            "--max-lora-rank", "8", "--lora-modules", f"big={random_adapter(root / 'big')}"]  # fmt: skip
     with RemoteServer(args) as s:
         s.policy_path = path
         yield s

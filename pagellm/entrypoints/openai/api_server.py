@@ -4,9 +4,11 @@ Routes: /v1/completions, /v1/chat/completions, /v1/responses (OpenAI Responses A
 /v1/messages and /v1/messages/count_tokens (Anthropic Messages API), /v1/embeddings,
 /v1/models, /tokenize, /detokenize, /generate (legacy), /health, /version, /metrics, and
 vLLM's sleep mode: POST /sleep?level=1|2, POST /wake_up[?tags=weights|kv_cache], GET
-/is_sleeping (requests get 503 + Retry-After while asleep; /health stays 200). With
---api-key (or PAGELLM_API_KEY) every route except /health, /version and /metrics needs
-``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
+/is_sleeping (requests get 503 + Retry-After while asleep; /health stays 200), and the web
+page (pagellm.ui: / redirects to the playground at /ui/, the dashboard at
+/ui/dashboard.html, /server_info for its configuration half). With --api-key (or
+PAGELLM_API_KEY) every route except /health, /version, /metrics and the page's own files
+needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
 Every error is an OpenAI error body; unexpected ones are logged with their traceback
 and answered 500 without it.
 """
@@ -33,7 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagellm import __version__
+from pagellm import __version__, ui
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_llm import (
     AsyncLLM,
@@ -195,6 +197,7 @@ def build_app(
             needs_key
             and request.method != "OPTIONS"
             and not request.url.path.startswith(_OPEN_PATHS)
+            and not ui.is_open_path(request.url.path)
         ):
             # OpenAI clients send "Authorization: Bearer KEY", Anthropic's "x-api-key: KEY".
             header = request.headers.get("authorization", "")
@@ -488,6 +491,29 @@ def build_app(
         text = prometheus.render() + (policy.render().encode() if policy is not None else b"")
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def server_info() -> dict[str, Any]:
+        """The dashboard's static half: what runs and how its memory is laid out."""
+        cfg = policy.config if policy is not None else None
+        return {
+            "version": __version__,
+            "models": [card.model_dump() for card in served.cards()],
+            "engine_config": ui.engine_config(engine.config),
+            "memory_plan": ui.memory_plan(engine.plan),
+            "replicas": engine.health() if len(engine.replicas) > 1 else None,
+            "machine": ui.machine(),
+            "api_key_required": bool(api_key) or bool(cfg and cfg.keys),
+            "policy": None
+            if cfg is None
+            else {
+                "path": cfg.path,
+                "keys": sorted(k.name for k in cfg.keys.values()),
+                "routes": sorted(cfg.routes),
+                "response_cache": cfg.response_cache is not None,
+                "rules": len(cfg.rules),
+            },
+        }
+
+    ui.add_routes(app, server_info)
     app.state.policy = policy
     return app
 
