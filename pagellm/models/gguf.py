@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pagellm.layers.quantization.gguf import PLAIN_TYPES, GGUFRawTensor, dequantize_tensor
+from pagellm.models.gguf_index import GGUFIndex
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,16 @@ class GGUFFile:
 
         self.path = path
         self._gguf = gguf
+        self.reader: Any
         try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # a corrupt or non-GGUF file
-            raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+            # The fast header reader (models/gguf_index.py); gguf-py's for what it can't
+            # read (big-endian files), and to name what is wrong with a damaged file.
+            self.reader = GGUFIndex(path)
+        except Exception:
+            try:
+                self.reader = gguf.GGUFReader(path)
+            except Exception as e:  # a corrupt or non-GGUF file
+                raise ValueError(f"cannot read GGUF file {path}: {e}") from e
         self.arch = str(self.value("general.architecture"))
         if self.arch not in _ARCHS:
             raise ValueError(

@@ -349,3 +349,40 @@ def test_unsupported_tensor_type_is_refused(tmp_path: Any, default_model_path: s
     ((_, raw),) = list(GGUFFile(path).tensors(cfg))
     with pytest.raises(ValueError, match=r"blk\.0\.attn_q\.weight has type Q8_K, which gguf-py"):
         raw.dequantize()
+
+
+def _same_as_gguf_py(path: str) -> None:
+    import gguf
+
+    from pagellm.models.gguf_index import GGUFIndex
+
+    fast, ref = GGUFIndex(path), gguf.GGUFReader(path)
+    assert [t.name for t in fast.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(fast.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        assert a.data_offset == b.data_offset and np.array_equal(a.data, b.data), a.name
+    assert set(fast.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for key, field in fast.fields.items():
+        assert field.contents() == ref.fields[key].contents(), key
+        assert len(field.data) == len(ref.fields[key].data), key
+
+
+def test_fast_header_reader_equals_gguf_py(tiny_gguf: str, default_model_path: str) -> None:
+    """The header reader every load uses (models/gguf_index.py) gives what gguf-py's
+    reader gives: every tensor's type, shape and bytes, every metadata value."""
+    _same_as_gguf_py(tiny_gguf)
+    _same_as_gguf_py(default_model_path)
+
+
+def test_damaged_gguf_files_are_refused(tmp_path: Any, default_model_path: str) -> None:
+    from pagellm.models.gguf import GGUFFile
+
+    with open(default_model_path, "rb") as f:
+        data = f.read()
+    for name, blob in (("cut.gguf", data[:5000]), ("tail.gguf", data[: len(data) // 2]),
+                       ("magic.gguf", b"GGUX" + data[4:5000])):  # fmt: skip
+        path = tmp_path / name
+        path.write_bytes(blob)
+        with pytest.raises(ValueError, match="cannot read GGUF file"):
+            GGUFFile(str(path))
