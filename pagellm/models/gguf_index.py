@@ -79,7 +79,7 @@ class GGUFIndex:
         from gguf.quants import quant_shape_to_byte_shape
 
         self.data = np.memmap(path, mode="r")
-        buf = memoryview(self.data)
+        buf = memoryview(self.data)  # type: ignore[arg-type]
         if bytes(buf[:4]) != _MAGIC:
             raise UnsupportedGGUF("GGUF magic invalid")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
