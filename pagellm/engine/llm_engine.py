@@ -51,6 +51,10 @@ class StepStats:
     step_time: float
 
 
+_GROUP_USAGE_PERIOD = 0.5
+"""Seconds between two counts of the KV blocks per cache group (the dashboard polls 1/s)."""
+
+
 class EngineCore:
     """Scheduler + model runner. Not thread-safe: one thread drives it."""
 
@@ -87,6 +91,10 @@ class EngineCore:
         self.beam_groups: dict[str, BeamSearchGroup] = {}
         self._lora_to_remove: set[int] = set()
         self.last_step: StepStats | None = None
+        # Per-group KV usage walks every request's blocks (models with several groups):
+        # refreshed at most every _GROUP_USAGE_PERIOD s, not on every step's stats.
+        self._group_usage: tuple[float, ...] = ()
+        self._group_usage_at = -_GROUP_USAGE_PERIOD
         self.asleep: set[str] = set()
         """What sleep mode has freed ("weights", "kv_cache"); empty: awake."""
         # Everything built so far (the model's modules and tensors, the tokenizer) lives as
@@ -231,6 +239,9 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         s = self.scheduler
+        now = time.monotonic()
+        if now - self._group_usage_at >= _GROUP_USAGE_PERIOD:
+            self._group_usage, self._group_usage_at = s.kv.group_usage(), now
         prefix = s.kv.prefix_stats
         tier = s.kv.tier
         return SchedulerStats(
@@ -244,7 +255,7 @@ class EngineCore:
             num_running_tokens=sum(r.num_tokens for r in s.running),
             num_waiting_tokens=sum(r.num_tokens for r in s.waiting),
             kv_cache_usage=s.kv_cache_usage,
-            kv_cache_group_usage=s.kv.group_usage(),
+            kv_cache_group_usage=self._group_usage,
             prefix_cache_queries=prefix.queries,
             prefix_cache_hits=prefix.hits,
             num_preemptions=s.num_preemptions,

@@ -89,13 +89,3 @@ def memory_plan(plan: Any) -> dict[str, Any]:
         "groups": [{"window": g.window, "layers": list(g.layers)} for g in plan.layout.groups],
         "summary": plan.describe(),
     }
-
-
-def machine() -> dict[str, Any]:
-    from pagellm.layers import native
-
-    return {
-        "cpu": native.cpu_model_name(),
-        "cpu_count": os.cpu_count(),
-        "kernel_isas": native.supported_isas(),
-    }

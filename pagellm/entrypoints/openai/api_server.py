@@ -36,6 +36,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagellm import __version__, ui
+from pagellm.benchmarks.report import machine_info
 from pagellm.engine.arg_utils import EngineArgs
 from pagellm.engine.async_llm import (
     AsyncLLM,
@@ -500,7 +501,7 @@ def build_app(
             "engine_config": ui.engine_config(engine.config),
             "memory_plan": ui.memory_plan(engine.plan),
             "replicas": engine.health() if len(engine.replicas) > 1 else None,
-            "machine": ui.machine(),
+            "machine": machine_info(),
             "api_key_required": bool(api_key) or bool(cfg and cfg.keys),
             "policy": None
             if cfg is None
