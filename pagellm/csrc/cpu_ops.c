@@ -339,13 +339,24 @@ static void linear_bf16_dot(const float* x, int64_t ldx, const uint16_t* W, cons
 }
 #endif
 
-/* 1 when bf16 weights run on vdpbf16ps in this build (inputs rounded to bf16), else 0. */
+/* Whether bf16 weights take vdpbf16ps (set once per process by native.py: on where the
+ * instruction outruns float32 FMAs on this CPU, which is not so on every AVX512-BF16 part). */
+static int bf16_dot_on = 1;
+
+/* 1 when bf16 weights run on vdpbf16ps in this process (inputs rounded to bf16), else 0. */
 int pagellm_has_bf16_dot(void) {
 #if defined(__AVX512BF16__) && VW == 16
-    return 1;
+    return bf16_dot_on;
 #else
     return 0;
 #endif
+}
+
+/* Turn the vdpbf16ps path on or off (off: bf16 weights are widened to float32, as fp16
+ * ones are); returns whether it is on now (never on a build without AVX512-BF16). */
+int pagellm_set_bf16_dot(int on) {
+    bf16_dot_on = on != 0;
+    return pagellm_has_bf16_dot();
 }
 
 /* linear_rows4 for 16-bit weights widened in registers (one or two input rows: decode,
@@ -384,7 +395,7 @@ void pagellm_linear_half(const float* x, int64_t ldx, const uint16_t* W, int wty
                          const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                          int nthreads) {
 #if defined(__AVX512BF16__) && VW == 16
-    if (wtype == 1) {
+    if (wtype == 1 && bf16_dot_on) {
         linear_bf16_dot(x, ldx, W, bias, y, M, N, K, nthreads);
         return;
     }

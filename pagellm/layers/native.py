@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -87,6 +88,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "pagellm_linear_f32": ([_P, _I64, _P, _P, _P, _I64, _I64, _I64, _INT], None),
     "pagellm_linear_half": ([_P, _I64, _P, _INT, _P, _P, _I64, _I64, _I64, _INT], None),
     "pagellm_has_bf16_dot": ([], _INT),
+    "pagellm_set_bf16_dot": ([_INT], _INT),
     "pagellm_rms_norm_f32": ([_P, _P, _P, _P, _I64, _I64, _F, _INT], None),
     "pagellm_rope_f32": ([_P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], None),
     "pagellm_silu_and_mul_f32": ([_P, _P, _I64, _I64, _INT], None),
@@ -290,4 +292,34 @@ def _load(name: str) -> ctypes.CDLL | None:
         fn.restype = restype
     built_for = lib.pagellm_isa().decode()
     assert built_for == name, (built_for, name)
+    if lib.pagellm_has_bf16_dot():
+        lib.pagellm_set_bf16_dot(int(_bf16_dot_pays(lib)))
     return lib
+
+
+def _bf16_dot_pays(lib: ctypes.CDLL) -> bool:
+    """Whether bf16 weights should run on vdpbf16ps rather than be widened to float32:
+    ``PAGELLM_BF16_DOT=1`` / ``0`` say so, else (``auto``) one thread's measured rate of
+    each decides (about 5 ms). The instruction is twice the FMA rate on AMD Zen 4 but half
+    of it on some Intel Xeons (measured: 163 vs 334 GFLOP/s on 2 cores)."""
+    wanted = os.environ.get("PAGELLM_BF16_DOT", "auto")
+    if wanted not in ("auto", "0", "1"):
+        raise ValueError(f"PAGELLM_BF16_DOT must be auto, 0 or 1, not {wanted!r}")
+    if wanted != "auto":
+        return wanted == "1"
+    rates = {}
+    for kind in (0, 2):  # pagellm_peak_ops: float32 FMA, bf16 dot (FLOPs either way)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            ops = lib.pagellm_peak_ops(kind, 1 << 17, 1)
+            best = min(best, time.perf_counter() - start)
+        rates[kind] = ops / best
+    pays = rates[2] > rates[0]
+    logger.info(
+        "bf16 weights: %s (vdpbf16ps %.0f vs float32 FMA %.0f GFLOP/s, one thread)",
+        "vdpbf16ps" if pays else "widened to float32",
+        rates[2] / 1e9,
+        rates[0] / 1e9,
+    )
+    return pays

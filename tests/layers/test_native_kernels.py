@@ -5,6 +5,7 @@ build, so a machine of either kind checks every path it can run."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -255,12 +256,24 @@ def test_linear_is_batch_invariant(lib: ctypes.CDLL, N: int, K: int) -> None:
         assert torch.equal(batch[min(7, M - 1)], alone[0]), M
 
 
+@pytest.fixture(params=["bf16-dot", "widened"])
+def bf16_dot(lib: ctypes.CDLL, request: Any) -> Iterator[int]:
+    """Each setting of the bf16 path (vdpbf16ps where the build has it, or weights widened
+    to float32), restored afterwards."""
+    before = lib.pagellm_has_bf16_dot()
+    yield lib.pagellm_set_bf16_dot(int(request.param == "bf16-dot"))
+    lib.pagellm_set_bf16_dot(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 5, 7, 13])
 @pytest.mark.parametrize(("N", "K"), [(576, 576), (13, 44), (1539, 1536), (6, 70)])
-def test_linear_half_weights(lib: ctypes.CDLL, dtype: torch.dtype, M: int, N: int, K: int) -> None:
+def test_linear_half_weights(
+    lib: ctypes.CDLL, bf16_dot: int, dtype: torch.dtype, M: int, N: int, K: int
+) -> None:
     """16-bit weights, float32 arithmetic: equal to torch on the widened weights (and, on
     the vdpbf16ps path, on the input rounded to bf16), and batch invariant."""
+    assert lib.pagellm_has_bf16_dot() == bf16_dot
     g = torch.Generator().manual_seed(M * 7 + N)
     x_full = torch.randn(M + 3, K, generator=g)
     x = x_full[:M]
