@@ -141,8 +141,12 @@ def compute_kind(config: Any) -> str:
     from pagellm.layers import native
 
     mc = config.model
-    if mc.quantization.method != "none" and config.device.device == "cpu" and native.loaded():
+    on_kernels = config.device.device == "cpu" and native.loaded()
+    if mc.quantization.method != "none" and on_kernels:
         return "int8"
+    if mc.dtype == "bfloat16" and on_kernels:
+        lib = native.load()  # bf16 weights widened to float32 run on the FMA units
+        return "bf16" if lib is not None and lib.pagellm_has_bf16_dot() else "fp32"
     return {"bfloat16": "bf16", "float16": "fp16"}.get(mc.dtype, "fp32")
 
 
