@@ -275,16 +275,14 @@ static inline __attribute__((always_inline)) void qgroup512(
                 for (int p = 0; p < 4; p++)
                     w[q][p] = _mm512_permutexvar_epi32(pidx, _mm512_loadu_si512((const void*)(t + 64 * p)));
             }
+            /* S8: 128 * the code sums of half-blocks 0 and 1 (one sum for nsub = 1) */
             corr[q][0] = corr[q][1] = _mm512_setzero_si512();
             if (kind == KIND_S8) {
-                __m512i c0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr[q][0], bias8, w[q][0]), bias8, w[q][1]);
-                __m512i c1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(corr[q][1], bias8, w[q][2]), bias8, w[q][3]);
-                if (nsub == 2) {
-                    corr[q][0] = c0;
-                    corr[q][1] = c1;
-                } else {
-                    corr[q][0] = _mm512_add_epi32(c0, c1);
-                }
+                const __m512i zero = _mm512_setzero_si512();
+                __m512i c0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, bias8, w[q][0]), bias8, w[q][1]);
+                __m512i c1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, bias8, w[q][2]), bias8, w[q][3]);
+                corr[q][0] = nsub == 2 ? c0 : _mm512_add_epi32(c0, c1);
+                corr[q][1] = c1;
             }
             for (int h = 0; h < nsub; h++) {
                 s[q][h] = _mm512_permutexvar_ps(didx, _mm512_castps256_ps512(load_scales(sc + h * 8 * ssz, f16)));
