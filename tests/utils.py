@@ -18,16 +18,6 @@ import httpx
 from pagellm.utils import get_open_port
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when the test process dies (Linux), so a
-    crashed pytest leaves no server behind holding memory and a port."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 @contextlib.contextmanager
 def captured_logits(llm: Any) -> Iterator[list[Any]]:
     """A copy of every logits tensor the engine's model computes inside the block."""
@@ -75,7 +65,6 @@ class RemoteServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + startup_timeout
         while True:
