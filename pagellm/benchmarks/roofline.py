@@ -23,7 +23,6 @@ never ran it.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -173,9 +172,7 @@ def measure_compute_peaks(threads: int) -> dict[str, float]:
                 if time.perf_counter() - start > 0.05 or iters > 1 << 30:
                     break
                 iters *= 2
-            ops = lib.pagellm_peak_ops(index, iters, threads)
-            probe = functools.partial(lib.pagellm_peak_ops, index, iters, threads)
-            rate = ops / _best_of(probe, 5) / 1e9
+            rate = native.peak_rate(lib, index, iters, threads, 5) / 1e9
             peaks[kind] = max(peaks.get(kind, 0.0), rate)
     return peaks
 

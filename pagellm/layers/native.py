@@ -307,14 +307,8 @@ def _bf16_dot_pays(lib: ctypes.CDLL) -> bool:
         raise ValueError(f"PAGELLM_BF16_DOT must be auto, 0 or 1, not {wanted!r}")
     if wanted != "auto":
         return wanted == "1"
-    rates = {}
-    for kind in (0, 2):  # pagellm_peak_ops: float32 FMA, bf16 dot (FLOPs either way)
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            ops = lib.pagellm_peak_ops(kind, 1 << 17, 1)
-            best = min(best, time.perf_counter() - start)
-        rates[kind] = ops / best
+    # pagellm_peak_ops kinds 0 and 2: float32 FMA and bf16 dot, in FLOPs either way
+    rates = {kind: peak_rate(lib, kind, 1 << 17, 1, 3) for kind in (0, 2)}
     pays = rates[2] > rates[0]
     logger.info(
         "bf16 weights: %s (vdpbf16ps %.0f vs float32 FMA %.0f GFLOP/s, one thread)",
@@ -323,3 +317,15 @@ def _bf16_dot_pays(lib: ctypes.CDLL) -> bool:
         rates[0] / 1e9,
     )
     return pays
+
+
+def peak_rate(lib: ctypes.CDLL, kind: int, iters: int, threads: int, repeats: int) -> float:
+    """Operations per second of ``pagellm_peak_ops(kind, iters, threads)``, the best of
+    ``repeats`` timed calls after one untimed call (caches and clock settle)."""
+    ops = lib.pagellm_peak_ops(kind, iters, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lib.pagellm_peak_ops(kind, iters, threads)
+        best = min(best, time.perf_counter() - start)
+    return float(ops / best)
